@@ -1,0 +1,167 @@
+"""A trained meta-model: task-specific module selection (Sec. 4.3), adaptation and prediction.
+
+``MetaModel.adapt`` is the one adaptation routine used by meta-test evaluation and by the service's adapt
+endpoint: only the selected modules move (the rest stay at phi), regularised by the learned prior, for up to
+10,000 steps at constant memory (each step builds and frees its own small graph; nothing is kept).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.func import functional_call
+
+from .algorithms import SIGMA_ALGORITHMS
+from .models import build_model
+from .modules import build_partition, per_param, prior_penalty, sigma2
+from .optim import build_optimizer
+from .tasks import build_family
+
+MAX_ADAPT_STEPS = 10_000
+
+
+def select_modules(names, log_sigma2: torch.Tensor, method: str = "gap", threshold: float = 1e-3, k: int = 1):
+    """Task-specific modules from the learned sigma^2 (Sec. 4.3).
+
+    ``threshold``: sigma_m^2 > threshold. ``topk``: the k largest. ``gap``: sort log sigma^2 in decreasing
+    order and cut at the largest gap between neighbours (the paper's "two orders of magnitude" separation).
+    """
+    ls = log_sigma2.detach().double().cpu()
+    order = torch.argsort(ls, descending=True).tolist()
+    if method == "threshold":
+        chosen = [i for i in order if float(ls[i].exp()) > threshold]
+    elif method == "topk":
+        chosen = order[:k]
+    elif method == "gap":
+        if len(order) == 1:
+            chosen = order
+        else:
+            gaps = [float(ls[order[i]] - ls[order[i + 1]]) for i in range(len(order) - 1)]
+            chosen = order[: 1 + max(range(len(gaps)), key=gaps.__getitem__)]
+    else:
+        raise ValueError(f"unknown selection method {method!r}")
+    return [names[i] for i in sorted(chosen)]
+
+
+@dataclass
+class AdaptResult:
+    params: dict          # full parameter dict (adapted modules + phi elsewhere)
+    adapted_modules: list
+    loss_curve: list      # support loss before the first step and after every step (steps + 1 values)
+
+    def adapter(self, partition) -> dict:
+        """Only the adapted tensors: what an adapter stores."""
+        names = partition.param_names(self.adapted_modules)
+        return {k: self.params[k] for k in names}
+
+
+class MetaModel:
+    def __init__(self, config: dict, phi: dict, log_sigma2: torch.Tensor, device=None):
+        self.config = config
+        self.algorithm = config["algorithm"]["name"]
+        self.device = torch.device(device) if device is not None else next(iter(phi.values())).device
+        self.family = build_family(config["tasks"], int(config.get("seed", 0)))
+        self.model = build_model(config["model"], self.family).to(self.device)
+        self.phi = {k: v.to(self.device) for k, v in phi.items()}
+        self.log_sigma2 = log_sigma2.to(self.device)
+        self.dtype = next(iter(self.phi.values())).dtype
+        mods = config["modules"]
+        self.partition = build_partition(self.phi, mods["partition"], mods.get("groups"))
+        self.learns_sigma = self.algorithm in SIGMA_ALGORITHMS
+        self.uses_prior = self.learns_sigma or self.algorithm == "imaml"
+
+    # ------------------------------------------------------------------ shape contract
+    @property
+    def kind(self) -> str:
+        return self.family.kind
+
+    @property
+    def input_shape(self) -> tuple:
+        return tuple(self.family.input_shape)
+
+    @property
+    def output_dim(self) -> int:
+        return int(self.family.output_dim)
+
+    # ------------------------------------------------------------------ modules
+    def sigma2(self):
+        return sigma2(self.log_sigma2) if self.uses_prior else None
+
+    def selected_modules(self) -> list:
+        if not self.learns_sigma:
+            return list(self.partition.names)
+        m = self.config["modules"]
+        return select_modules(self.partition.names, self.log_sigma2, m["selection"], m["threshold"], m["k"])
+
+    def module_map(self) -> list:
+        selected = set(self.selected_modules())
+        s2 = self.sigma2()
+        return [{"name": n, "n_params": int(self.partition.sizes[i]),
+                 "sigma2": float(s2[i]) if s2 is not None else None, "selected": n in selected}
+                for i, n in enumerate(self.partition.names)]
+
+    def resolve_modules(self, modules="selected") -> list:
+        if modules == "selected":
+            return self.selected_modules()
+        if modules == "all":
+            return list(self.partition.names)
+        if isinstance(modules, str):
+            modules = [modules]
+        unknown = [m for m in modules if m not in self.partition.names]
+        if unknown:
+            raise ValueError(f"unknown modules {unknown}; the model's modules are {list(self.partition.names)}")
+        return list(dict.fromkeys(modules))
+
+    # ------------------------------------------------------------------ adapt / predict
+    def _tensor(self, x, target=False):
+        t = torch.as_tensor(x, device=self.device)
+        if target and self.kind == "classification":
+            return t.long()
+        return t.to(self.dtype)
+
+    def loss(self, params, x, y):
+        return self.family.loss(functional_call(self.model, params, (x,)), y)
+
+    def adapt(self, xs, ys, steps: int | None = None, modules="selected", lr: float | None = None) -> AdaptResult:
+        inner = self.config["inner"]
+        steps = inner["steps"] if steps is None else int(steps)
+        if not 0 <= steps <= MAX_ADAPT_STEPS:
+            raise ValueError(f"steps must be in [0, {MAX_ADAPT_STEPS}], got {steps}")
+        xs, ys = self._tensor(xs), self._tensor(ys, target=True)
+        chosen = self.resolve_modules(modules)
+        names = self.partition.param_names(chosen)
+        opt = build_optimizer(inner["optimizer"], lr or inner["lr"], inner["betas"], inner["eps"])
+        lam = per_param(self.partition, 1.0 / sigma2(self.log_sigma2), names) if self.uses_prior else None
+        frozen = {k: v for k, v in self.phi.items() if k not in names}
+        center = {k: self.phi[k] for k in names}
+        theta = dict(center)
+        state = opt.init(theta) if theta else {}
+        curve = []
+        for _ in range(steps):
+            leaves = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
+            loss = self.loss({**frozen, **leaves}, xs, ys)
+            objective = loss + prior_penalty(leaves, center, lam) if (lam and not opt.proximal) else loss
+            grads = torch.autograd.grad(objective, list(leaves.values())) if leaves else ()
+            curve.append(loss.detach())
+            with torch.no_grad():
+                theta, state = opt.update(dict(zip(leaves, grads)), state, theta, center, lam)
+        with torch.no_grad():
+            params = {**frozen, **theta}
+            curve.append(self.loss(params, xs, ys))
+        return AdaptResult(params, chosen, [float(v) for v in torch.stack(curve).cpu()])
+
+    @torch.no_grad()
+    def predict(self, x, params: dict | None = None):
+        out = functional_call(self.model, params if params is not None else self.phi, (self._tensor(x),))
+        return out.softmax(-1) if self.kind == "classification" else out
+
+    # ------------------------------------------------------------------ serialisation
+    def tensors(self) -> dict:
+        t = {f"phi.{k}": v.detach().cpu().contiguous() for k, v in self.phi.items()}
+        t["log_sigma2"] = self.log_sigma2.detach().cpu().contiguous()
+        return t
+
+    @classmethod
+    def from_tensors(cls, config: dict, tensors: dict, device=None):
+        phi = {k[4:]: v for k, v in tensors.items() if k.startswith("phi.")}
+        return cls(config, phi, tensors["log_sigma2"], device=device)

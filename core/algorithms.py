@@ -1,0 +1,195 @@
+"""Meta-algorithms: one per-task update with a small strategy each, and the shared adaptation loop.
+
+The meta-step skeleton (sample tasks, adapt each, compute each task's meta-update Delta_t, average,
+apply the outer optimizer) lives in ``core.trainer``; here each algorithm only defines
+``task_update(meta, xs, ys, xq, yq) -> (delta, metrics)`` where ``delta`` has the structure of
+``meta = {"phi": {...}, "log_sigma2": Tensor[M]}`` and is what the outer optimizer descends.
+
+- backprop (``maml``, ``fomaml``, ``sigma_maml``): Delta = grad of the query loss through the unrolled
+  adaptation (Eq. 6), first-order optionally.
+- implicit (``imaml``, ``sigma_imaml``): Delta = -g_val H^-1 H_{theta Phi} (Eq. 7) with H the damped Hessian
+  of Eq. 48 solved by preconditioned CG on Hessian-vector products (forward-over-reverse ``torch.func.jvp``
+  of ``torch.func.grad``); the mixed derivatives are closed-form:
+  d^2 l_train / d theta_m d phi_m = -I / sigma_m^2 and d^2 l_train / d theta_m d sigma_m^2 = -(theta_m - phi_m) / sigma_m^4.
+- parameter difference (``reptile``, ``sigma_reptile``): Delta_phi = phi - theta, or (phi_m - theta_m) / sigma_m^2
+  for sigma-Reptile (Eq. 10, MAP of phi), whose sigma^2 gets the implicit gradient.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.func import functional_call, grad, grad_and_value, jvp
+
+from .cg import conjugate_gradient
+from .modules import Partition, per_param, prior_penalty, sigma2
+from .optim import Optimizer
+
+SIGMA_ALGORITHMS = ("sigma_maml", "sigma_imaml", "sigma_reptile")
+
+
+class Learner:
+    """What adapting one task needs: the model, its loss, the partition and the inner optimizer."""
+
+    def __init__(self, model, family, partition: Partition, inner: Optimizer, inner_steps: int):
+        self.model, self.family, self.partition = model, family, partition
+        self.inner, self.inner_steps = inner, inner_steps
+
+    def data_loss(self, params, x, y):
+        return self.family.loss(functional_call(self.model, params, (x,)), y)
+
+    def lam(self, log_sigma2):
+        """Per-parameter-tensor lambda = 1 / sigma_m^2."""
+        return per_param(self.partition, 1.0 / sigma2(log_sigma2))
+
+    def adapt(self, phi, lam, xs, ys, steps=None, first_order=False):
+        """Run the inner optimizer from theta = phi. Differentiable w.r.t. phi and lam unless first_order
+        (then inner gradients are treated as constants). Without an enclosing transform it keeps no graph."""
+        inner = self.inner
+
+        def objective(theta):
+            loss = self.data_loss(theta, xs, ys)
+            if lam is not None and not inner.proximal:
+                loss = loss + prior_penalty(theta, phi, lam)
+            return loss
+
+        theta = dict(phi)
+        state = inner.init(theta)
+        for _ in range(self.inner_steps if steps is None else steps):
+            g = grad(objective)(theta)
+            if first_order:
+                g = {k: v.detach() for k, v in g.items()}
+            theta, state = inner.update(g, state, theta, phi, lam)
+        return theta
+
+
+class Algorithm:
+    name = ""
+    learns_sigma = False   # log sigma^2 is meta-learned
+    uses_prior = False     # adaptation is regularised toward phi with the prior's sigma^2
+
+    def __init__(self, learner: Learner, cfg: dict):
+        self.learner, self.cfg = learner, cfg
+
+    def init_log_sigma2(self, n_modules: int, dtype, device) -> torch.Tensor:
+        if self.learns_sigma:
+            value = math.log(self.cfg["init_sigma2"])
+        elif self.name == "imaml":
+            value = -math.log(self.cfg["lam"])
+        else:
+            value = 0.0  # unused: no prior
+        return torch.full((n_modules,), value, dtype=dtype, device=device)
+
+    def _lam(self, meta):
+        return self.learner.lam(meta["log_sigma2"]) if self.uses_prior else None
+
+    def task_update(self, meta, xs, ys, xq, yq):
+        raise NotImplementedError
+
+
+class Backprop(Algorithm):
+    """MAML / FOMAML / sigma-MAML: backpropagate through the unrolled adaptation (Eq. 6)."""
+
+    def __init__(self, learner, cfg):
+        super().__init__(learner, cfg)
+        self.name = cfg["name"]
+        self.learns_sigma = self.uses_prior = self.name == "sigma_maml"
+        self.first_order = self.name == "fomaml" or bool(cfg.get("first_order", False))
+
+    def task_update(self, meta, xs, ys, xq, yq):
+        L = self.learner
+
+        def query_loss(m):
+            lam = L.lam(m["log_sigma2"]) if self.uses_prior else None
+            theta = L.adapt(m["phi"], lam, xs, ys, first_order=self.first_order)
+            return L.data_loss(theta, xq, yq)
+
+        delta, loss = grad_and_value(query_loss)(meta)
+        if not self.learns_sigma:
+            delta["log_sigma2"] = torch.zeros_like(meta["log_sigma2"])
+        return delta, {"query_loss": loss}
+
+
+class _ImplicitMixin:
+    def implicit(self, meta, theta, xs, ys, xq, yq, damping):
+        """u = H^-1 g_val with H = Hess(l_data) + Sigma^-1 + damping I (Eq. 48), preconditioned by
+        P = diag(max(sigma_m^-2 / 1e3, 1)) (App. D.2). Returns u, lam and CG diagnostics."""
+        L = self.learner
+        lam_m = 1.0 / sigma2(meta["log_sigma2"])
+        lam = per_param(L.partition, lam_m)
+        precond_inv = per_param(L.partition, 1.0 / torch.clamp(lam_m / 1e3, min=1.0))
+        g_val, q_loss = grad_and_value(lambda th: L.data_loss(th, xq, yq))(theta)
+        g_train = grad(lambda th: L.data_loss(th, xs, ys))
+
+        def matvec(v):
+            _, hv = jvp(g_train, (theta,), (v,))
+            return {k: hv[k] + (lam[k] + damping) * v[k] for k in v}
+
+        u, residual, iters = conjugate_gradient(matvec, g_val, precond_inv, self.cfg["cg_steps"])
+        return u, lam, lam_m, {"query_loss": q_loss, "cg_residual": residual, "cg_iterations": iters}
+
+    def sigma_delta(self, meta, theta, u, lam_m):
+        """d l_val / d log sigma_m^2 = u_m . (theta_m - phi_m) / sigma_m^2 (chain rule through sigma^2)."""
+        P = self.learner.partition
+        per_module = [sum((u[k] * (theta[k] - meta["phi"][k])).sum() for k in P.members(m))
+                      for m in range(len(P.names))]
+        return torch.stack(per_module) * lam_m
+
+
+class Implicit(_ImplicitMixin, Algorithm):
+    """sigma-iMAML (Eq. 7) and iMAML (fixed lambda, App. B.2 / D.1)."""
+
+    def __init__(self, learner, cfg):
+        super().__init__(learner, cfg)
+        self.name = cfg["name"]
+        self.learns_sigma = self.name == "sigma_imaml"
+        self.uses_prior = True
+        # iMAML's damping d multiplies I in (1+d)I + H/lambda (Eq. 47); in Eq. 48's scale that is d * lambda.
+        self.damping = cfg["damping"] * cfg["lam"] if self.name == "imaml" else cfg["damping"]
+
+    def task_update(self, meta, xs, ys, xq, yq):
+        L = self.learner
+        theta = L.adapt(meta["phi"], self._lam(meta), xs, ys)
+        u, lam, lam_m, metrics = self.implicit(meta, theta, xs, ys, xq, yq, self.damping)
+        delta = {"phi": {k: lam[k] * u[k] for k in u}}
+        if self.learns_sigma:
+            delta["log_sigma2"] = self.sigma_delta(meta, theta, u, lam_m)
+        else:
+            delta["log_sigma2"] = torch.zeros_like(meta["log_sigma2"])
+        metrics["support_loss"] = L.data_loss(theta, xs, ys)
+        return delta, metrics
+
+
+class ReptileFamily(_ImplicitMixin, Algorithm):
+    """Reptile (Delta_phi = phi - theta) and sigma-Reptile (Eq. 10)."""
+
+    def __init__(self, learner, cfg):
+        super().__init__(learner, cfg)
+        self.name = cfg["name"]
+        self.learns_sigma = self.uses_prior = self.name == "sigma_reptile"
+
+    def task_update(self, meta, xs, ys, xq, yq):
+        L = self.learner
+        phi = meta["phi"]
+        theta = L.adapt(phi, self._lam(meta), xs, ys)
+        if not self.learns_sigma:
+            delta = {"phi": {k: phi[k] - theta[k] for k in phi}, "log_sigma2": torch.zeros_like(meta["log_sigma2"])}
+            return delta, {"query_loss": L.data_loss(theta, xq, yq), "support_loss": L.data_loss(theta, xs, ys)}
+        u, lam, lam_m, metrics = self.implicit(meta, theta, xs, ys, xq, yq, self.cfg["damping"])
+        delta = {"phi": {k: lam[k] * (phi[k] - theta[k]) for k in phi},
+                 "log_sigma2": self.sigma_delta(meta, theta, u, lam_m)}
+        metrics["support_loss"] = L.data_loss(theta, xs, ys)
+        return delta, metrics
+
+
+ALGORITHMS = {"maml": Backprop, "fomaml": Backprop, "sigma_maml": Backprop,
+              "imaml": Implicit, "sigma_imaml": Implicit,
+              "reptile": ReptileFamily, "sigma_reptile": ReptileFamily}
+
+
+def build_algorithm(cfg: dict, learner: Learner) -> Algorithm:
+    try:
+        cls = ALGORITHMS[cfg["name"]]
+    except KeyError:
+        raise ValueError(f"unknown algorithm {cfg['name']!r}") from None
+    return cls(learner, cfg)

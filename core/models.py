@@ -1,0 +1,117 @@
+"""Architectures, used only through ``torch.func.functional_call(model, params, x)``.
+
+Parameters live outside the modules as plain ``dict[str, Tensor]``. Batch-norm layers use the statistics
+of the batch they see (transductive, as in MAML) and keep no running statistics
+(``track_running_stats=False``): the support set is normalised with its own statistics during adaptation
+and the query set with its own at prediction time.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.Sigmoid}
+
+
+class MLP(nn.Module):
+    """``fc0 .. fc{L-1}`` hidden layers and ``fc{L}`` the output layer."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden=(40, 40), activation: str = "relu"):
+        super().__init__()
+        dims = [in_dim, *hidden, out_dim]
+        for i in range(len(dims) - 1):
+            self.add_module(f"fc{i}", nn.Linear(dims[i], dims[i + 1]))
+        self.n_layers = len(dims) - 1
+        self.act = ACTIVATIONS[activation]()
+
+    def forward(self, x):
+        x = x.flatten(1)
+        for i in range(self.n_layers):
+            x = getattr(self, f"fc{i}")(x)
+            if i < self.n_layers - 1:
+                x = self.act(x)
+        return x
+
+
+class Conv4(nn.Module):
+    """Four blocks of [3x3 conv, batch-norm, ReLU] and a linear ``head``.
+
+    ``strided``: stride-2 convolutions, no pooling (few-shot Omniglot of Finn et al., paper App. E.4.1).
+    ``maxpool``: stride-1 convolutions followed by 2x2 max-pooling (many-shot Omniglot, App. E.1).
+    """
+
+    def __init__(self, in_shape, out_dim: int, channels: int = 64, variant: str = "strided",
+                 channels_last: bool = False):
+        super().__init__()
+        c_in = in_shape[0]
+        self.variant = variant
+        self.channels_last = channels_last
+        stride = 2 if variant == "strided" else 1
+        for i in range(4):
+            self.add_module(f"conv{i}", nn.Conv2d(c_in if i == 0 else channels, channels, 3, stride, 1))
+            self.add_module(f"bn{i}", nn.BatchNorm2d(channels, track_running_stats=False))
+        with torch.no_grad():
+            n_feat = self.features(torch.zeros(2, *in_shape)).shape[1]
+        self.head = nn.Linear(n_feat, out_dim)
+
+    def features(self, x):
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        for i in range(4):
+            x = F.relu(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x)))
+            if self.variant == "maxpool":
+                x = F.max_pool2d(x, 2, ceil_mode=False) if x.shape[-1] >= 2 else x
+        return x.flatten(1)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class Identity(nn.Module):
+    """Task parameters that are the distribution parameters themselves (paper App. A and C).
+
+    One scalar parameter per dimension (``theta.0`` .. ``theta.{D-1}``), so ``per_tensor`` gives the
+    per-dimension modules of App. C and ``per_layer`` one module. ``forward`` ignores the values of ``x``
+    and returns ``transform(theta)`` for every row of ``x``: the mean of the observations.
+    """
+
+    def __init__(self, dim: int, transform: Optional[Callable] = None):
+        super().__init__()
+        self.theta = nn.ParameterList([nn.Parameter(torch.zeros(())) for _ in range(dim)])
+        self.transform = transform
+
+    def forward(self, x):
+        theta = torch.stack(list(self.theta))
+        mu = self.transform(theta) if self.transform is not None else theta
+        return mu.unsqueeze(0).expand(x.shape[0], mu.shape[0])
+
+
+def build_model(cfg: dict, family) -> nn.Module:
+    arch = cfg["arch"]
+    if arch == "mlp":
+        return MLP(math.prod(family.input_shape), family.output_dim, cfg["hidden"], cfg["activation"])
+    if arch == "conv4":
+        return Conv4(family.input_shape, family.output_dim, cfg["channels"], cfg["variant"], cfg["channels_last"])
+    if arch == "identity":
+        return Identity(family.param_dim, family.transform)
+    raise ValueError(f"unknown model arch {arch!r}")
+
+
+def init_params(model: nn.Module, generator: torch.Generator, dtype=torch.float32) -> dict:
+    """Fresh parameters drawn from ``generator`` (PyTorch's default init schemes), detached."""
+    params = {}
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        for m in model.modules():
+            if hasattr(m, "reset_parameters") and m is not model:
+                m.reset_parameters()
+    finally:
+        torch.random.set_rng_state(state)
+    for name, p in model.named_parameters():
+        params[name] = p.detach().clone().to(dtype)
+    return params

@@ -1,0 +1,182 @@
+"""The meta-step skeleton and everything needed to checkpoint and resume it bit for bit."""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch.func import grad, vmap
+
+from .algorithms import Learner, build_algorithm
+from .models import build_model, init_params
+from .modules import LOG_SIGMA2_MAX, LOG_SIGMA2_MIN, build_partition, inverse_gamma_penalty
+from .optim import build_optimizer, flatten_state, unflatten_state
+from .tasks import build_family
+
+STATE_VERSION = 1
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class MetaTrainer:
+    """Meta-trains one job config (the dict form of ``schemas.JobConfig``).
+
+    >>> trainer = MetaTrainer(config)
+    >>> for _ in range(trainer.total_steps): metrics = trainer.step()
+    >>> model = trainer.meta_model()     # core.MetaModel: adapt / predict / module_map
+    """
+
+    def __init__(self, config: dict, device: str | torch.device | None = None):
+        self.config = config
+        ex = config["execution"]
+        self.device = resolve_device(device or ex["device"]) if not isinstance(device, torch.device) else device
+        self.dtype = getattr(torch, ex["dtype"])
+        self.seed = int(config["seed"])
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.family = build_family(config["tasks"], self.seed)
+        self.model = build_model(config["model"], self.family).to(self.device)
+        phi = {k: v.to(self.device) for k, v in init_params(self.model, self.generator, self.dtype).items()}
+        mods = config["modules"]
+        self.partition = build_partition(phi, mods["partition"], mods.get("groups"))
+        inner = config["inner"]
+        self.learner = Learner(self.model, self.family, self.partition,
+                               build_optimizer(inner["optimizer"], inner["lr"], inner["betas"], inner["eps"]),
+                               inner["steps"])
+        self.algorithm = build_algorithm(config["algorithm"], self.learner)
+        self.meta = {"phi": phi, "log_sigma2": self.algorithm.init_log_sigma2(len(self.partition.names),
+                                                                              self.dtype, self.device)}
+        outer = config["outer"]
+        self.outer = build_optimizer(outer["optimizer"], outer["lr_phi"])
+        self.outer_state = {"phi": self.outer.init(self.meta["phi"]),
+                            "log_sigma2": self.outer.init({"log_sigma2": self.meta["log_sigma2"]})}
+        self.step_count = 0
+        self.total_steps = int(outer["steps"])
+        self.vectorize = ex["vectorize"]  # "auto" is resolved by measurement on the first step
+        self._fns = {}
+
+    # ------------------------------------------------------------------ per-task updates
+    def _batched(self, mode: str):
+        if mode not in self._fns:
+            update = self.algorithm.task_update
+            if mode == "vmap":
+                fn = vmap(update, in_dims=(None, 0, 0, 0, 0))
+            else:
+                def fn(meta, xs, ys, xq, yq):
+                    outs = [update(meta, xs[i], ys[i], xq[i], yq[i]) for i in range(xs.shape[0])]
+                    return torch.utils._pytree.tree_map(lambda *t: torch.stack(t), *outs)
+            if self.config["execution"]["compile"]:
+                fn = torch.compile(fn, dynamic=False)
+            self._fns[mode] = fn
+        return self._fns[mode]
+
+    def task_updates(self, batch, mode=None):
+        """Per-task meta-updates and metrics, each with a leading task axis."""
+        return self._batched(mode or self.vectorize)(self.meta, *batch)
+
+    def _choose_vectorization(self, batch):
+        timings = {}
+        for mode in ("loop", "vmap"):
+            try:
+                self.task_updates(batch, mode)  # warm-up (and compilation)
+                t0 = time.perf_counter()
+                out = self.task_updates(batch, mode)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                timings[mode] = (time.perf_counter() - t0, out)
+            except Exception:  # an op without a vmap batching rule: fall back to the loop
+                if mode == "loop":
+                    raise
+        self.vectorize = min(timings, key=lambda m: timings[m][0])
+        return timings[self.vectorize][1]
+
+    # ------------------------------------------------------------------ the meta-step
+    def sample(self, split: str = "train"):
+        n = self.config["outer"]["meta_batch"]
+        return self.family.sample(n, self.generator, split).to(self.device, self.dtype)
+
+    def lr_factor(self) -> float:
+        if self.config["outer"]["schedule"] == "linear":
+            return max(0.0, 1.0 - self.step_count / self.total_steps)
+        return 1.0
+
+    def step(self) -> dict:
+        """One meta-step. Returns its metrics as floats."""
+        batch = self.sample()
+        if self.vectorize == "auto":
+            deltas, metrics = self._choose_vectorization(batch)
+        else:
+            deltas, metrics = self.task_updates(batch)
+        delta = torch.utils._pytree.tree_map(lambda t: t.mean(0), deltas)
+        self.apply(delta)
+        self.step_count += 1
+        out = {k: float(v.float().mean()) for k, v in metrics.items()}
+        if self.algorithm.learns_sigma:
+            s2 = self.sigma2()
+            out["sigma2_max"], out["sigma2_min"] = float(s2.max()), float(s2.min())
+        return out
+
+    def apply(self, delta: dict):
+        """The outer update with separate learning rates for phi and log sigma^2."""
+        outer, f = self.config["outer"], self.lr_factor()
+        self.meta["phi"], self.outer_state["phi"] = self.outer.update(
+            delta["phi"], self.outer_state["phi"], self.meta["phi"], lr=outer["lr_phi"] * f)
+        if self.algorithm.learns_sigma:
+            g = delta["log_sigma2"]
+            beta = self.config["algorithm"]["ig_beta"]
+            if beta > 0:
+                g = g + grad(inverse_gamma_penalty)(self.meta["log_sigma2"], beta)
+            new, self.outer_state["log_sigma2"] = self.outer.update(
+                {"log_sigma2": g}, self.outer_state["log_sigma2"], {"log_sigma2": self.meta["log_sigma2"]},
+                lr=outer["lr_log_sigma2"] * f)
+            self.meta["log_sigma2"] = new["log_sigma2"].clamp(LOG_SIGMA2_MIN, LOG_SIGMA2_MAX)
+
+    def run(self, steps: int | None = None, callback=None):
+        """Meta-train to ``total_steps`` (or ``steps`` more); ``callback(step, metrics)`` may return True to stop."""
+        end = self.total_steps if steps is None else min(self.total_steps, self.step_count + steps)
+        metrics = {}
+        while self.step_count < end:
+            metrics = self.step()
+            if callback is not None and callback(self.step_count, metrics):
+                break
+        return metrics
+
+    # ------------------------------------------------------------------ views
+    def sigma2(self):
+        from .modules import sigma2
+        return sigma2(self.meta["log_sigma2"])
+
+    def meta_model(self):
+        from .adapt import MetaModel
+        return MetaModel(self.config, {k: v.detach().clone() for k, v in self.meta["phi"].items()},
+                         self.meta["log_sigma2"].detach().clone(), device=self.device)
+
+    def module_map(self):
+        return self.meta_model().module_map()
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self):
+        """(tensors, metadata): flat tensors ready for safetensors plus JSON-able metadata."""
+        tensors = {f"phi.{k}": v for k, v in self.meta["phi"].items()}
+        tensors["log_sigma2"] = self.meta["log_sigma2"]
+        tensors.update(flatten_state(self.outer_state, "outer"))
+        tensors["rng"] = self.generator.get_state()
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        meta = {"version": STATE_VERSION, "step": self.step_count, "vectorize": self.vectorize,
+                "modules": list(self.partition.names)}
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict, meta: dict):
+        if meta.get("version") != STATE_VERSION:
+            raise ValueError(f"checkpoint version {meta.get('version')} != {STATE_VERSION}")
+        dev = self.device
+        self.meta["phi"] = {k: tensors[f"phi.{k}"].to(dev, self.dtype) for k in self.meta["phi"]}
+        self.meta["log_sigma2"] = tensors["log_sigma2"].to(dev, self.dtype)
+        self.outer_state = {k: unflatten_state(v, {n: t.to(dev) for n, t in tensors.items()}, f"outer.{k}")
+                            for k, v in self.outer_state.items()}
+        self.generator.set_state(tensors["rng"].clone())
+        self.step_count = int(meta["step"])
+        if meta.get("vectorize") in ("vmap", "loop"):
+            self.vectorize = meta["vectorize"]

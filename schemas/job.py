@@ -1,0 +1,220 @@
+"""The one job-configuration schema.
+
+The API validates requests with it, the database stores the validated config verbatim
+(``JobConfig.model_dump(mode="json")``), and the worker and ``core.MetaTrainer`` read that dict back.
+Unknown fields are errors everywhere (``extra="forbid"``). Defaults are the paper's values where it
+gives one (Chen, Friesen et al. 2020, App. D-E; Finn et al. 2017 for the sinusoid protocol).
+"""
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+SIGMA_ALGORITHMS = ("sigma_maml", "sigma_imaml", "sigma_reptile")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------- algorithms
+class _Shrinkage(Strict):
+    init_sigma2: PositiveFloat = Field(1.0, description="initial sigma^2 of every module (clipped to [1e-5, 1e5])")
+    ig_beta: float = Field(
+        1e-5, ge=0, allow_inf_nan=False,
+        description="scale beta of the inverse-Gamma(1, beta) regulariser on sigma^2 (App. D.2, Eq. 49); 0 disables it",
+    )
+
+
+class SigmaMAML(_Shrinkage):
+    name: Literal["sigma_maml"]
+    first_order: bool = False
+
+
+class MAML(Strict):
+    name: Literal["maml"]
+    first_order: bool = False
+
+
+class FOMAML(Strict):
+    name: Literal["fomaml"]
+
+
+class _Implicit(Strict):
+    cg_steps: int = Field(5, ge=1, le=100, description="conjugate-gradient iterations (App. D.1: 5)")
+
+
+class SigmaIMAML(_Shrinkage, _Implicit):
+    name: Literal["sigma_imaml"]
+    damping: float = Field(0.0, ge=0, allow_inf_nan=False, description="d-tilde of Eq. 48")
+
+
+class IMAML(_Implicit):
+    name: Literal["imaml"]
+    lam: PositiveFloat = Field(1.0, description="L2 regularisation scale lambda = 1/sigma^2 (fixed)")
+    damping: float = Field(0.0, ge=0, allow_inf_nan=False, description="d of Eq. 47")
+
+
+class SigmaReptile(_Shrinkage, _Implicit):
+    name: Literal["sigma_reptile"]
+    cg_steps: int = Field(1, ge=1, le=100, description="CG iterations for the sigma^2 gradient (Table 7: 1)")
+    damping: float = Field(0.5, ge=0, allow_inf_nan=False, description="d-tilde of Eq. 48 (Table 7: 0.5)")
+
+
+class Reptile(Strict):
+    name: Literal["reptile"]
+
+
+Algorithm = Annotated[
+    Union[SigmaMAML, MAML, FOMAML, SigmaIMAML, IMAML, SigmaReptile, Reptile], Field(discriminator="name")
+]
+
+
+# --------------------------------------------------------------------------- models
+class MLPModel(Strict):
+    arch: Literal["mlp"]
+    hidden: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [40, 40], max_length=16)
+    activation: Literal["relu", "tanh", "gelu", "sigmoid"] = "relu"
+
+
+class Conv4Model(Strict):
+    arch: Literal["conv4"]
+    channels: int = Field(64, ge=1, le=512)
+    variant: Literal["strided", "maxpool"] = Field(
+        "strided", description="strided: 3x3 conv stride 2 (few-shot, Finn et al.); maxpool: stride 1 + 2x2 max-pool (App. E.1)"
+    )
+    channels_last: bool = False
+
+
+class IdentityModel(Strict):
+    arch: Literal["identity"]
+
+
+Model = Annotated[Union[MLPModel, Conv4Model, IdentityModel], Field(discriminator="arch")]
+
+
+# --------------------------------------------------------------------------- modules
+class Modules(Strict):
+    partition: Literal["per_layer", "per_tensor", "groups"] = "per_layer"
+    groups: Optional[dict[str, list[str]]] = Field(
+        None, description="module name -> fnmatch patterns over parameter names (partition='groups')"
+    )
+    selection: Literal["gap", "threshold", "topk"] = Field("gap", description="Sec. 4.3 task-specific module selection")
+    threshold: PositiveFloat = 1e-3
+    k: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _groups(self):
+        if self.partition == "groups" and not self.groups:
+            raise ValueError("partition 'groups' needs a non-empty 'groups' mapping")
+        if self.partition != "groups" and self.groups:
+            raise ValueError("'groups' is only used with partition 'groups'")
+        return self
+
+
+# --------------------------------------------------------------------------- tasks
+Range = tuple[FiniteFloat, FiniteFloat]
+
+
+def _check_range(name: str, r: Optional[Range]):
+    if r is not None and not r[0] <= r[1]:
+        raise ValueError(f"{name}: lower bound {r[0]} is above upper bound {r[1]}")
+
+
+class SinusoidTasks(Strict):
+    family: Literal["sinusoid"]
+    shots: int = Field(10, ge=1, le=10000)
+    query: int = Field(10, ge=1, le=10000)
+    amplitude: Range = (0.1, 5.0)
+    phase: Range = (0.0, math.pi)
+    x_range: Range = (-5.0, 5.0)
+    frequency: Optional[Range] = Field(None, description="MT-net Sec. 6.1 uses (0.8, 1.2); None = frequency 1")
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        for n in ("amplitude", "phase", "x_range", "frequency"):
+            _check_range(n, getattr(self, n))
+        return self
+
+
+class HierarchicalNormalTasks(Strict):
+    family: Literal["hierarchical_normal"]
+    variant: Literal["univariate", "linear", "swirl"] = Field(
+        "univariate", description="univariate: App. A; linear: App. C.1; swirl: App. C.2"
+    )
+    shots: int = Field(10, ge=1, le=100000, description="N training observations per task")
+    query: int = Field(10, ge=1, le=100000, description="K validation observations per task")
+    phi_true: FiniteFloat = Field(0.0, description="univariate only: true prior mean")
+    sigma2_true: PositiveFloat = Field(1.0, description="univariate only: true prior variance")
+    n_tasks: Optional[int] = Field(
+        None, ge=1, le=1_000_000, description="a fixed set of T training tasks (App. A); None = a fresh task every draw"
+    )
+
+
+Tasks = Annotated[Union[SinusoidTasks, HierarchicalNormalTasks], Field(discriminator="family")]
+
+
+# --------------------------------------------------------------------------- optimisation
+class Inner(Strict):
+    optimizer: Optional[Literal["sgd", "adam", "proximal_gd", "proximal_adam"]] = Field(
+        None, description="default: proximal_gd for the sigma algorithms and imaml, sgd otherwise"
+    )
+    lr: PositiveFloat = 0.01
+    steps: int = Field(5, ge=1, le=10000)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
+    eps: PositiveFloat = 1e-8
+
+
+class Outer(Strict):
+    optimizer: Literal["adam", "sgd"] = "adam"
+    meta_batch: int = Field(25, ge=1, le=4096)
+    steps: int = Field(1000, ge=1, le=10_000_000)
+    lr_phi: PositiveFloat = 1e-3
+    lr_log_sigma2: PositiveFloat = Field(1e-3, description="used by the sigma algorithms only")
+    schedule: Literal["constant", "linear"] = Field("constant", description="linear: decay to 0 at the last step")
+
+
+class Execution(Strict):
+    vectorize: Literal["auto", "vmap", "loop"] = Field(
+        "auto", description="adapt the tasks of a meta-batch with torch.func.vmap or a per-task loop; auto measures both"
+    )
+    compile: bool = Field(False, description="torch.compile the per-meta-step function")
+    dtype: Literal["float32", "float64"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class Run(Strict):
+    checkpoint_every: int = Field(100, ge=1)
+    module_map_every: int = Field(50, ge=1)
+    log_every: int = Field(10, ge=1)
+
+
+class JobConfig(Strict):
+    algorithm: Algorithm
+    model: Model
+    tasks: Tasks
+    modules: Modules = Field(default_factory=Modules)
+    inner: Inner = Field(default_factory=Inner)
+    outer: Outer = Field(default_factory=Outer)
+    execution: Execution = Field(default_factory=Execution)
+    run: Run = Field(default_factory=Run)
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+
+    @model_validator(mode="after")
+    def _compat(self):
+        if self.inner.optimizer is None:
+            name = self.algorithm.name
+            self.inner.optimizer = "proximal_gd" if (name in SIGMA_ALGORITHMS or name == "imaml") else "sgd"
+        fam, arch = self.tasks.family, self.model.arch
+        if fam == "hierarchical_normal" and arch != "identity":
+            raise ValueError("tasks.family 'hierarchical_normal' needs model.arch 'identity'")
+        if arch == "identity" and fam != "hierarchical_normal":
+            raise ValueError("model.arch 'identity' is only for tasks.family 'hierarchical_normal'")
+        if arch == "conv4":
+            raise ValueError(f"model.arch 'conv4' needs an image task family; '{fam}' is not one")
+        return self
