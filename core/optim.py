@@ -72,7 +72,9 @@ def _adam(lr, betas, eps, proximal):
         new = {}
         for p in params:
             vhat = v[p] / c2
-            half = params[p] - a * (m[p] / c1) / (vhat.sqrt() + eps)
+            # clamp_min: sqrt has an infinite derivative at 0 (a parameter whose gradient is exactly 0, such
+            # as a conv bias before batch-norm, would make second-order meta-gradients NaN)
+            half = params[p] - a * (m[p] / c1) / (vhat.clamp_min(torch.finfo(vhat.dtype).tiny).sqrt() + eps)
             if proximal and lam is not None:
                 # Alg. 3: the prox step uses the Adam-scaled step size a / sqrt(v_hat + eps)
                 half = (half - center[p]) / (1.0 + lam[p] * a / torch.sqrt(vhat + eps)) + center[p]
