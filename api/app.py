@@ -1,0 +1,394 @@
+"""The FastAPI application: every /v1 endpoint of the contract, /healthz, /readyz, /docs.
+
+``create_app(settings)`` wires the database, the artifact store and a Celery app (used only to send job ids
+and adapt requests). The reconciler runs as a background thread in this process (``settings.reconciler``).
+"""
+
+import base64
+import json
+import logging
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Annotated, Optional
+
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import ValidationError
+from sqlalchemy import and_, func, or_, select, text, update
+from sqlalchemy.exc import IntegrityError
+
+from schemas import JobConfig
+from schemas.api import (AdaptOut, AdaptRequest, CheckpointList, JobCreated, JobOut, JobPage, MetricsOut, ModelOut,
+                         ModelPage, ModulesOut)
+from store import jobs as Q
+from store.artifacts import make_store
+from store.db import Database
+from store.keys import hash_key
+from store.models import ApiKey, Checkpoint, Job, JobMetric, MetaModelRow, ModuleMap, new_id, utcnow
+from store.settings import Settings
+
+from . import errors
+from .errors import ApiError, pydantic_errors, unprocessable
+from .validation import as_array, check_inputs, check_targets
+
+log = logging.getLogger("metashrink.api")
+
+
+# --------------------------------------------------------------------------- helpers
+def encode_cursor(created_at: datetime, id_: str) -> str:
+    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{id_}".encode()).decode()
+
+
+def decode_cursor(cursor: str):
+    try:
+        ts, id_ = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
+        return datetime.fromisoformat(ts), id_
+    except Exception:
+        raise unprocessable(["query", "cursor"], "not a cursor returned by this API")
+
+
+def paginate(stmt, model, limit: int, cursor: Optional[str]):
+    if cursor:
+        ts, id_ = decode_cursor(cursor)
+        stmt = stmt.where(or_(model.created_at < ts, and_(model.created_at == ts, model.id < id_)))
+    return stmt.order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)
+
+
+def job_view(j: Job, with_config: bool = False) -> dict:
+    return {"id": j.id, "status": j.status, "progress": {"step": j.step, "total": j.total_steps},
+            "metrics": j.metrics or {}, "error": {"message": j.error} if j.error else None,
+            "model_id": j.model_id, "attempts": j.attempts, "cancel_requested": j.cancel_requested,
+            "created_at": j.created_at, "updated_at": j.updated_at, "config": j.config if with_config else None}
+
+
+def model_view(m: MetaModelRow) -> dict:
+    total = sum(r["n_params"] for r in m.module_map) or 1
+    sel = [r["name"] for r in m.module_map if r["selected"]]
+    share = sum(r["n_params"] for r in m.module_map if r["selected"]) / total
+    return {"id": m.id, "job_id": m.job_id, "kind": m.kind, "input_shape": m.input_shape,
+            "output_dim": m.output_dim, "config": m.config, "module_map": m.module_map, "selected_modules": sel,
+            "selected_share": share, "sha256": m.sha256, "bytes": m.bytes, "created_at": m.created_at}
+
+
+class Reconciler(threading.Thread):
+    def __init__(self, app: FastAPI):
+        super().__init__(daemon=True, name="metashrink-reconciler")
+        self.app, self.stop = app, threading.Event()
+
+    def run(self):
+        st: Settings = self.app.state.settings
+        while not self.stop.wait(st.reconcile_interval):
+            try:
+                reconcile_once(self.app)
+            except Exception:
+                log.exception("reconciler sweep failed")
+
+
+def reconcile_once(app: FastAPI) -> list[str]:
+    st: Settings = app.state.settings
+    with app.state.db.session() as s:
+        ids = Q.reconcile(s, st.requeue_queued_after)
+    for job_id in ids:
+        log.info("reconciler: (re-)enqueueing job %s", job_id)
+        enqueue(app, job_id)
+    return ids
+
+
+def enqueue(app: FastAPI, job_id: str):
+    from worker.celery_app import RUN_JOB, TRAIN_QUEUE
+    app.state.celery.send_task(RUN_JOB, args=[job_id], queue=TRAIN_QUEUE)
+
+
+# --------------------------------------------------------------------------- app
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        rec = None
+        if settings.reconciler:
+            rec = Reconciler(app)
+            rec.start()
+        yield
+        if rec is not None:
+            rec.stop.set()
+
+    app = FastAPI(title="Metashrink", version="0.1.0", lifespan=lifespan,
+                  description="Modular meta-learning with shrinkage: meta-training jobs, sigma^2 module maps, "
+                              "checkpoints and few-shot adaptation.")
+    from worker.celery_app import make_celery
+    from worker.redis_util import redis_client
+
+    app.state.settings = settings
+    app.state.db = Database(settings.database_url)
+    app.state.store = make_store(settings)
+    app.state.celery = make_celery(settings)
+    app.state.redis = redis_client(settings.broker())
+    app.state.key_cache = {}
+    errors.install(app)
+
+    # ------------------------------------------------------------------ dependencies
+    def db_session():
+        with app.state.db.session() as s:
+            yield s
+
+    def tenant(authorization: Annotated[Optional[str], Header()] = None) -> str:
+        if not authorization or not authorization.lower().startswith("bearer "):
+            raise ApiError(401, "missing bearer API key (Authorization: Bearer <key>)",
+                           headers={"WWW-Authenticate": "Bearer"})
+        h = hash_key(authorization[7:].strip())
+        cache = app.state.key_cache
+        hit = cache.get(h)
+        if hit and hit[1] > time.monotonic():
+            return hit[0]
+        with app.state.db.session() as s:
+            t = s.scalar(select(ApiKey.tenant).where(ApiKey.key_hash == h, ApiKey.revoked.is_(False)))
+        if t is None:
+            raise ApiError(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+        cache[h] = (t, time.monotonic() + 30)
+        return t
+
+    Session = Annotated[object, Depends(db_session)]
+    Tenant = Annotated[str, Depends(tenant)]
+
+    def own_job(s, t: str, job_id: str) -> Job:
+        j = s.get(Job, job_id)
+        if j is None or j.tenant != t:
+            raise ApiError(404, f"job {job_id} not found")
+        return j
+
+    def own_model(s, t: str, model_id: str) -> MetaModelRow:
+        m = s.get(MetaModelRow, model_id)
+        if m is None or m.tenant != t:
+            raise ApiError(404, f"model {model_id} not found")
+        return m
+
+    Limit = Annotated[int, Query(ge=1, le=settings.page_limit_max)]
+
+    # ------------------------------------------------------------------ health
+    @app.get("/healthz", tags=["health"])
+    def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    def readyz():
+        checks = {}
+        try:
+            with app.state.db.engine.connect() as c:
+                c.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+        except Exception as e:
+            checks["database"] = f"error: {type(e).__name__}"
+        try:
+            app.state.redis.ping()
+            checks["broker"] = "ok"
+        except Exception as e:
+            checks["broker"] = f"error: {type(e).__name__}"
+        ok = all(v == "ok" for v in checks.values())
+        return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
+
+    # ------------------------------------------------------------------ jobs
+    @app.post("/v1/jobs", status_code=202, response_model=JobCreated, tags=["jobs"])
+    async def create_job(request: Request, t: Tenant,
+                         idempotency_key: Annotated[Optional[str], Header(max_length=128)] = None):
+        raw = await request.body()
+        try:
+            body = json.loads(raw or b"null")
+        except ValueError as e:
+            raise ApiError(422, f"body is not valid JSON: {e}", [{"loc": ["body"], "msg": str(e)}])
+        if not isinstance(body, dict):
+            raise ApiError(422, "body must be a JSON object (a job config)", [{"loc": ["body"], "msg": "not an object"}])
+        try:
+            cfg = JobConfig.model_validate(body).model_dump(mode="json")
+        except ValidationError as e:
+            errs = pydantic_errors(e)
+            raise ApiError(422, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in errs), errs)
+        return await run_in_threadpool(_create_job, t, cfg, idempotency_key)
+
+    def _create_job(t: str, cfg: dict, idem: Optional[str]):
+        with app.state.db.session() as s:
+            if idem:
+                j = s.scalar(select(Job).where(Job.tenant == t, Job.idempotency_key == idem))
+                if j is not None:
+                    return JSONResponse({"id": j.id, "status": j.status}, status_code=202)
+            now = utcnow()
+            j = Job(id=new_id("job"), tenant=t, kind="train", status="queued", config=cfg, step=0,
+                    total_steps=int(cfg["outer"]["steps"]), attempts=0, max_attempts=settings.max_attempts,
+                    cancel_requested=False, idempotency_key=idem, created_at=now, updated_at=now, enqueued_at=now)
+            s.add(j)
+            try:
+                s.flush()
+            except IntegrityError:
+                s.rollback()
+                j = s.scalar(select(Job).where(Job.tenant == t, Job.idempotency_key == idem))
+                return JSONResponse({"id": j.id, "status": j.status}, status_code=202)
+        try:
+            enqueue(app, j.id)
+        except Exception:  # the reconciler re-sends it once the broker is back; the row is the truth
+            log.exception("enqueue of job %s failed", j.id)
+        return {"id": j.id, "status": "queued"}
+
+    @app.get("/v1/jobs", response_model=JobPage, tags=["jobs"])
+    def list_jobs(s: Session, t: Tenant, limit: Limit = 20, cursor: Optional[str] = None,
+                  status: Optional[str] = Query(None, pattern="^(queued|running|succeeded|failed|canceled)$")):
+        stmt = select(Job).where(Job.tenant == t)
+        if status:
+            stmt = stmt.where(Job.status == status)
+        rows = s.scalars(paginate(stmt, Job, limit, cursor)).all()
+        nxt = encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) if len(rows) > limit else None
+        return {"items": [job_view(j) for j in rows[:limit]], "next_cursor": nxt}
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobOut, tags=["jobs"])
+    def get_job(job_id: str, s: Session, t: Tenant):
+        return job_view(own_job(s, t, job_id), with_config=True)
+
+    @app.post("/v1/jobs/{job_id}/cancel", status_code=202, response_model=JobOut, tags=["jobs"])
+    def cancel_job(job_id: str, s: Session, t: Tenant):
+        j = own_job(s, t, job_id)
+        now = utcnow()
+        s.execute(update(Job).where(Job.id == job_id, Job.status == "queued")
+                  .values(status="canceled", cancel_requested=True, updated_at=now, finished_at=now)
+                  .execution_options(synchronize_session=False))
+        s.execute(update(Job).where(Job.id == job_id, Job.status == "running")
+                  .values(cancel_requested=True, updated_at=now).execution_options(synchronize_session=False))
+        s.commit()
+        s.refresh(j)
+        return job_view(j)
+
+    @app.get("/v1/jobs/{job_id}/metrics", response_model=MetricsOut, tags=["jobs"])
+    def job_metrics(job_id: str, s: Session, t: Tenant, name: Optional[str] = None):
+        own_job(s, t, job_id)
+        stmt = select(JobMetric.name, JobMetric.step, JobMetric.value).where(JobMetric.job_id == job_id)
+        if name:
+            stmt = stmt.where(JobMetric.name == name)
+        series: dict = {}
+        for n, st, v in s.execute(stmt.order_by(JobMetric.name, JobMetric.step)):
+            series.setdefault(n, []).append([st, v])
+        return {"series": series}
+
+    @app.get("/v1/jobs/{job_id}/modules", response_model=ModulesOut, tags=["jobs"])
+    def job_modules(job_id: str, s: Session, t: Tenant, step: Optional[int] = Query(None, ge=0)):
+        own_job(s, t, job_id)
+        steps = s.scalars(select(ModuleMap.step).where(ModuleMap.job_id == job_id).distinct()
+                          .order_by(ModuleMap.step)).all()
+        if not steps:
+            raise ApiError(404, f"job {job_id} has no module map yet")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise ApiError(404, f"no module map at step {step}; recorded steps: {steps}")
+        rows = s.scalars(select(ModuleMap).where(ModuleMap.job_id == job_id, ModuleMap.step == step)
+                         .order_by(ModuleMap.position)).all()
+        return {"step": step, "steps": steps, "modules": [
+            {"name": r.module, "n_params": r.n_params, "sigma2": r.sigma2, "selected": r.selected} for r in rows]}
+
+    @app.get("/v1/jobs/{job_id}/checkpoints", response_model=CheckpointList, tags=["jobs"])
+    def job_checkpoints(job_id: str, s: Session, t: Tenant):
+        own_job(s, t, job_id)
+        rows = s.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)).all()
+        return {"items": [{"id": c.id, "step": c.step, "sha256": c.sha256, "bytes": c.bytes} for c in rows]}
+
+    @app.get("/v1/checkpoints/{ckpt_id}/file", tags=["jobs"], response_class=FileResponse)
+    def checkpoint_file(ckpt_id: str, s: Session, t: Tenant):
+        c = s.get(Checkpoint, ckpt_id)
+        if c is None or s.get(Job, c.job_id).tenant != t:
+            raise ApiError(404, f"checkpoint {ckpt_id} not found")
+        path = app.state.store.path(c.uri)
+        if not path.exists():
+            raise ApiError(404, f"checkpoint {ckpt_id}: file missing from the artifact store")
+        return FileResponse(path, media_type="application/octet-stream", filename=f"{ckpt_id}.safetensors",
+                            headers={"X-Checksum-Sha256": c.sha256})
+
+    # ------------------------------------------------------------------ models
+    @app.get("/v1/models", response_model=ModelPage, tags=["models"])
+    def list_models(s: Session, t: Tenant, limit: Limit = 20, cursor: Optional[str] = None):
+        rows = s.scalars(paginate(select(MetaModelRow).where(MetaModelRow.tenant == t), MetaModelRow, limit,
+                                  cursor)).all()
+        nxt = encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) if len(rows) > limit else None
+        return {"items": [model_view(m) for m in rows[:limit]], "next_cursor": nxt}
+
+    @app.get("/v1/models/{model_id}", response_model=ModelOut, tags=["models"])
+    def get_model(model_id: str, s: Session, t: Tenant):
+        return model_view(own_model(s, t, model_id))
+
+    @app.get("/v1/models/{model_id}/file", tags=["models"], response_class=FileResponse)
+    def model_file(model_id: str, s: Session, t: Tenant):
+        m = own_model(s, t, model_id)
+        return FileResponse(app.state.store.path(m.uri), media_type="application/octet-stream",
+                            filename=f"{model_id}.safetensors", headers={"X-Checksum-Sha256": m.sha256})
+
+    @app.post("/v1/models/{model_id}/adapt", response_model=AdaptOut, tags=["models"],
+              openapi_extra={"requestBody": {"content": {"application/json": {
+                  "schema": AdaptRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}})
+    async def adapt(model_id: str, request: Request, t: Tenant):
+        cl = request.headers.get("content-length")
+        if cl and cl.isdigit() and int(cl) > settings.adapt_max_bytes:
+            raise unprocessable(["body"], f"request body of {cl} bytes is above the cap of {settings.adapt_max_bytes}")
+        raw = b""
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > settings.adapt_max_bytes:
+                raise unprocessable(["body"], f"request body is above the cap of {settings.adapt_max_bytes} bytes")
+        try:
+            body = json.loads(raw or b"null")
+        except ValueError as e:
+            raise ApiError(422, f"body is not valid JSON: {e}", [{"loc": ["body"], "msg": str(e)}])
+        try:
+            req = AdaptRequest.model_validate(body)
+        except ValidationError as e:
+            errs = pydantic_errors(e)
+            raise ApiError(422, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in errs), errs)
+        m = await run_in_threadpool(_model_for, t, model_id)
+        payload = validate_adapt(req, m, settings)
+        return await run_in_threadpool(_run_adapt, model_id, payload)
+
+    def _model_for(t, model_id):
+        with app.state.db.session() as s:
+            m = own_model(s, t, model_id)
+            s.expunge(m)
+            return m
+
+    def _run_adapt(model_id: str, payload: dict):
+        from worker.celery_app import ADAPT, ADAPT_QUEUE
+        from worker.redis_util import reply_key
+
+        rid = uuid.uuid4().hex
+        app.state.celery.send_task(ADAPT, args=[rid, model_id, payload], queue=ADAPT_QUEUE)
+        got = app.state.redis.blpop([reply_key(rid)], timeout=settings.adapt_timeout)
+        if got is None:
+            raise ApiError(504, f"no adapt worker answered within {settings.adapt_timeout:g} s")
+        out = json.loads(got[1])
+        if not out.pop("ok"):
+            if out["status"] == 422:
+                raise unprocessable(["body"], out["message"])
+            raise ApiError(500, f"adaptation failed: {out['message']}")
+        return out
+
+    return app
+
+
+def validate_adapt(req: AdaptRequest, m: MetaModelRow, settings: Settings) -> dict:
+    if req.steps > settings.adapt_max_steps:
+        raise unprocessable(["steps"], f"{req.steps} is above the cap of {settings.adapt_max_steps} steps")
+    names = [r["name"] for r in m.module_map]
+    if isinstance(req.modules, list):
+        if not req.modules:
+            raise unprocessable(["modules"], "an empty list adapts nothing; use steps 0 for unadapted predictions")
+        unknown = [x for x in req.modules if x not in names]
+        if unknown:
+            raise unprocessable(["modules"], f"unknown modules {unknown}; this model's modules are {names}")
+    cap = settings.adapt_max_rows
+    for field, v in (("support.x", req.support.x), ("support.y", req.support.y), ("query.x", req.query.x)):
+        if len(v) > cap:
+            raise unprocessable(field.split("."), f"{len(v)} rows is above the cap of {cap} rows")
+    cls = m.kind == "classification"
+    xs = check_inputs(as_array(req.support.x, "support.x"), "support.x", tuple(m.input_shape))
+    ys = check_targets(as_array(req.support.y, "support.y", integer=cls), "support.y", m.kind, m.output_dim,
+                       xs.shape[0])
+    xq = check_inputs(as_array(req.query.x, "query.x"), "query.x", tuple(m.input_shape))
+    return {"support": {"x": xs.tolist(), "y": ys.tolist()}, "query": {"x": xq.tolist()}, "steps": req.steps,
+            "modules": req.modules}

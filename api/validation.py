@@ -1,0 +1,60 @@
+"""Array checks for the adapt endpoint: each problem is named (field, row, what is wrong)."""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import unprocessable
+
+
+def as_array(value, field: str, integer: bool = False) -> np.ndarray:
+    try:
+        arr = np.array(value)
+    except (ValueError, TypeError):
+        raise unprocessable(field, "ragged array: rows have different lengths (or nesting depths)")
+    if arr.dtype == object:
+        raise unprocessable(field, "ragged array or mixed types: every row must have the same shape and hold numbers")
+    if arr.dtype.kind not in "iuf" or arr.dtype.kind == "b":
+        raise unprocessable(field, f"must hold numbers only (got {arr.dtype.kind!r} values)")
+    if arr.size == 0 or arr.shape[0] == 0:
+        raise unprocessable(field, "must hold at least one row")
+    if arr.dtype.kind == "f":
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            idx = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise unprocessable(field, f"contains NaN or Inf (first at index {list(idx)})")
+    if integer:
+        if arr.dtype.kind == "f":
+            if not np.all(arr == np.round(arr)):
+                raise unprocessable(field, "class labels must be integers")
+            arr = arr.astype(np.int64)
+    return arr
+
+
+def check_inputs(arr: np.ndarray, field: str, input_shape: tuple) -> np.ndarray:
+    want = tuple(input_shape)
+    if arr.ndim == 1 and want == (1,):
+        arr = arr[:, None]
+    if tuple(arr.shape[1:]) != want:
+        raise unprocessable(field, f"shape {list(arr.shape)} does not fit the model: expected [rows, "
+                                   f"{', '.join(map(str, want))}]")
+    return arr
+
+
+def check_targets(arr: np.ndarray, field: str, kind: str, output_dim: int, rows: int) -> np.ndarray:
+    if kind == "classification":
+        if arr.ndim == 2 and arr.shape[1] == 1:
+            arr = arr[:, 0]
+        if arr.ndim != 1:
+            raise unprocessable(field, f"shape {list(arr.shape)}: a classification model takes integer labels [rows]")
+        if arr.dtype.kind == "f":
+            raise unprocessable(field, "class labels must be integers")
+        if arr.min() < 0 or arr.max() >= output_dim:
+            raise unprocessable(field, f"class labels must be in [0, {output_dim - 1}]")
+    else:
+        if arr.ndim == 1 and output_dim == 1:
+            arr = arr[:, None]
+        if arr.ndim != 2 or arr.shape[1] != output_dim:
+            raise unprocessable(field, f"shape {list(arr.shape)} does not fit the model: expected [rows, {output_dim}]")
+    if arr.shape[0] != rows:
+        raise unprocessable(field, f"has {arr.shape[0]} rows but support.x has {rows}")
+    return arr

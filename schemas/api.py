@@ -1,0 +1,117 @@
+"""Request/response schemas of the HTTP API (the job config itself is schemas.job.JobConfig)."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+
+
+class Progress(BaseModel):
+    step: int
+    total: int
+
+
+class JobCreated(_Out):
+    id: str
+    status: str
+
+
+class JobOut(_Out):
+    id: str
+    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    progress: Progress
+    metrics: dict[str, Optional[float]] = Field(default_factory=dict)
+    error: Optional[ErrorDetail] = None
+    model_id: Optional[str] = None
+    attempts: int = 0
+    cancel_requested: bool = False
+    created_at: datetime
+    updated_at: datetime
+    config: Optional[dict[str, Any]] = None
+
+
+class JobPage(BaseModel):
+    items: list[JobOut]
+    next_cursor: Optional[str] = None
+
+
+class MetricsOut(BaseModel):
+    series: dict[str, list[tuple[int, Optional[float]]]]
+
+
+class ModuleEntry(BaseModel):
+    name: str
+    n_params: int
+    sigma2: Optional[float]
+    selected: bool
+
+
+class ModulesOut(BaseModel):
+    step: int
+    modules: list[ModuleEntry]
+    steps: list[int] = Field(default_factory=list, description="every step with a recorded module map")
+
+
+class CheckpointOut(BaseModel):
+    id: str
+    step: int
+    sha256: str
+    bytes: int
+
+
+class CheckpointList(BaseModel):
+    items: list[CheckpointOut]
+
+
+class ModelOut(_Out):
+    id: str
+    job_id: str
+    kind: str
+    input_shape: list[int]
+    output_dim: int
+    config: dict[str, Any]
+    module_map: list[ModuleEntry]
+    selected_modules: list[str]
+    selected_share: float = Field(description="share of the parameters in the selected task-specific modules")
+    sha256: str
+    bytes: int
+    created_at: datetime
+
+
+class ModelPage(BaseModel):
+    items: list[ModelOut]
+    next_cursor: Optional[str] = None
+
+
+class SupportSet(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    x: list[Any]
+    y: list[Any]
+
+
+class QuerySet(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    x: list[Any]
+
+
+class AdaptRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    support: SupportSet
+    query: QuerySet
+    steps: int = Field(100, ge=0)
+    modules: Union[Literal["selected", "all"], list[str]] = "selected"
+
+
+class AdaptOut(BaseModel):
+    predictions: list[list[Optional[float]]]
+    adapted_modules: list[str]
+    loss_curve: list[Optional[float]]

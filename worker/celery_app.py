@@ -1,0 +1,53 @@
+"""The Celery application. Reliability settings chosen on purpose (see DESIGN.md):
+
+- ``task_acks_late``: a message is acknowledged after the task returns, so a lost worker's job is delivered again;
+- ``task_reject_on_worker_lost``: a child killed mid-task re-queues the message instead of acking it;
+- ``worker_prefetch_multiplier = 1``: a worker reserves one message at a time (long training tasks must not
+  sit in one worker's buffer while another is idle);
+- JSON only (never pickle); no result backend (the database holds job results, adapt results go back on a
+  per-request Redis list);
+- two queues: ``train`` (long) and ``adapt`` (short, latency-sensitive).
+
+The lease in the database, not the broker, decides who runs a job. The parent process never imports torch:
+tasks run in the prefork child, which is where CUDA may be initialised.
+"""
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from store.settings import Settings
+
+TRAIN_QUEUE = "train"
+ADAPT_QUEUE = "adapt"
+RUN_JOB = "worker.tasks.run_job"
+ADAPT = "worker.tasks.adapt"
+
+
+def make_celery(settings: Settings | None = None) -> Celery:
+    settings = settings or Settings()
+    app = Celery("metashrink", broker=settings.broker(), include=["worker.tasks"])
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        result_backend=None,
+        task_queues=[Queue(TRAIN_QUEUE), Queue(ADAPT_QUEUE)],
+        task_default_queue=TRAIN_QUEUE,
+        task_routes={RUN_JOB: {"queue": TRAIN_QUEUE}, ADAPT: {"queue": ADAPT_QUEUE}},
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": 3600},
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_time_limit=None,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+    )
+    app.conf.metashrink_settings = settings
+    return app
+
+
+app = make_celery()

@@ -1,0 +1,211 @@
+"""Celery tasks: ``run_job`` (queue train) and ``adapt`` (queue adapt).
+
+torch and core/ are imported inside the task bodies, i.e. in the prefork child process only.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import time
+import uuid
+from collections import OrderedDict
+
+from celery.signals import worker_process_init
+from sqlalchemy import insert, select
+
+from store import jobs as Q
+from store.artifacts import make_store
+from store.db import Database
+from store.models import Checkpoint, Job, JobMetric, MetaModelRow, ModuleMap, new_id
+
+from .celery_app import ADAPT, RUN_JOB, app
+from .redis_util import redis_client, reply_key
+
+log = logging.getLogger("metashrink.worker")
+
+
+class LeaseLost(Exception):
+    """Another worker owns the job now (our lease expired): stop without writing anything more."""
+
+
+class _Runtime:
+    """Per-process resources (created after fork)."""
+
+    def __init__(self):
+        self.settings = app.conf.metashrink_settings
+        self.db = Database(self.settings.database_url)
+        self.store = make_store(self.settings)
+        self.redis = redis_client(self.settings.broker())
+        self.models: OrderedDict = OrderedDict()
+
+
+_rt: _Runtime | None = None
+_rt_pid: int | None = None
+
+
+def runtime() -> _Runtime:
+    global _rt, _rt_pid
+    if _rt is None or _rt_pid != os.getpid():
+        _rt, _rt_pid = _Runtime(), os.getpid()
+    return _rt
+
+
+@worker_process_init.connect
+def _child_init(**_):
+    threads = app.conf.metashrink_settings.torch_threads
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
+
+
+def _finite(v):
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+# --------------------------------------------------------------------------- training
+@app.task(name=RUN_JOB, acks_late=True, reject_on_worker_lost=True)
+def run_job(job_id: str):
+    rt = runtime()
+    s = rt.settings
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    with rt.db.session() as ses:
+        if not Q.claim(ses, job_id, owner, s.lease_seconds):
+            log.info("job %s: not claimed (duplicate delivery, finished, or leased elsewhere)", job_id)
+            return "skipped"
+    try:
+        return _train(rt, job_id, owner)
+    except LeaseLost:
+        log.warning("job %s: lease lost; stopping", job_id)
+        return "lease-lost"
+    except Exception as e:  # a failure a person can act on: the config or the data, not the infrastructure
+        log.exception("job %s failed", job_id)
+        with rt.db.session() as ses:
+            Q.finish(ses, job_id, owner, "failed", error=f"{type(e).__name__}: {e}")
+        return "failed"
+
+
+def _train(rt: _Runtime, job_id: str, owner: str):
+    from core import MetaTrainer
+
+    s = rt.settings
+    with rt.db.session() as ses:
+        cfg = ses.get(Job, job_id).config
+        ck = Q.latest_checkpoint(ses, job_id)
+        ck = (ck.uri, ck.sha256, ck.step) if ck else None
+    trainer = MetaTrainer(cfg)
+    if ck is not None:
+        tensors, meta = rt.store.get_tensors(ck[0], sha256=ck[1])
+        trainer.load_state_dict(tensors, meta)
+        log.info("job %s: resumed from checkpoint at step %d", job_id, ck[2])
+    with rt.db.session() as ses:
+        Q.forget_after(ses, job_id, ck[2] if ck else -1)
+
+    run = cfg["run"]
+    total = trainer.total_steps
+    pending: list = []
+    latest: dict | None = None
+    last_beat = time.monotonic()
+
+    def beat(ses):
+        nonlocal last_beat
+        ok, cancel = Q.heartbeat(ses, job_id, owner, s.lease_seconds, trainer.step_count, latest)
+        if not ok:
+            raise LeaseLost()
+        if pending:
+            ses.execute(insert(JobMetric), [{"job_id": job_id, "step": st, "name": k, "value": _finite(v)}
+                                            for st, m in pending for k, v in m.items()])
+            pending.clear()
+        last_beat = time.monotonic()
+        return cancel
+
+    while trainer.step_count < total:
+        m = trainer.step()
+        step = trainer.step_count
+        pending.append((step, m))
+        latest = {k: _finite(v) for k, v in m.items()}
+        last = step == total
+        do_map = last or step % run["module_map_every"] == 0
+        do_ckpt = last or step % run["checkpoint_every"] == 0
+        do_beat = (do_map or do_ckpt or step % run["log_every"] == 0
+                   or time.monotonic() - last_beat > s.lease_seconds / 3)
+        if not do_beat:
+            continue
+        art = None
+        if do_ckpt:  # written before the transaction that records it; an orphan file is harmless
+            tensors, meta = trainer.state_dict()
+            art = rt.store.put_tensors(f"jobs/{job_id}/ckpt-{step:09d}-{uuid.uuid4().hex[:6]}.safetensors",
+                                       tensors, meta)
+        with rt.db.session() as ses:
+            cancel = beat(ses)
+            if do_map:
+                ses.execute(insert(ModuleMap), [
+                    {"job_id": job_id, "step": step, "position": i, "module": r["name"],
+                     "n_params": r["n_params"], "sigma2": r["sigma2"], "selected": r["selected"]}
+                    for i, r in enumerate(trainer.module_map())])
+            if art is not None:
+                ses.add(Checkpoint(id=new_id("ckpt"), job_id=job_id, step=step, uri=art.uri, sha256=art.sha256,
+                                   bytes=art.bytes, meta=meta))
+        if cancel:
+            with rt.db.session() as ses:
+                Q.finish(ses, job_id, owner, "canceled")
+            return "canceled"
+
+    mm = trainer.meta_model()
+    model_id = new_id("mdl")
+    art = rt.store.put_tensors(f"models/{model_id}.safetensors", mm.tensors(), {"job_id": job_id})
+    with rt.db.session() as ses:
+        if not Q.finish(ses, job_id, owner, "succeeded", model_id=model_id, step=trainer.step_count):
+            raise LeaseLost()
+        ses.add(MetaModelRow(id=model_id, tenant=ses.get(Job, job_id).tenant, job_id=job_id, config=cfg,
+                             kind=mm.kind, input_shape=list(mm.input_shape), output_dim=mm.output_dim,
+                             module_map=mm.module_map(), uri=art.uri, sha256=art.sha256, bytes=art.bytes))
+    return "succeeded"
+
+
+# --------------------------------------------------------------------------- adaptation
+def _load_model(rt: _Runtime, model_id: str):
+    if model_id in rt.models:
+        rt.models.move_to_end(model_id)
+        return rt.models[model_id]
+    from core import MetaModel
+
+    with rt.db.session() as ses:
+        row = ses.scalar(select(MetaModelRow).where(MetaModelRow.id == model_id))
+        if row is None:
+            raise KeyError(model_id)
+        cfg, uri, sha = row.config, row.uri, row.sha256
+    tensors, _ = rt.store.get_tensors(uri, sha256=sha)
+    mm = MetaModel.from_tensors(cfg, tensors, device="cpu")
+    rt.models[model_id] = mm
+    while len(rt.models) > 16:
+        rt.models.popitem(last=False)
+    return mm
+
+
+@app.task(name=ADAPT, acks_late=True, reject_on_worker_lost=True)
+def adapt(request_id: str, model_id: str, payload: dict):
+    """Adapt a meta-model to one support set and predict the queries; the reply goes on a Redis list that
+    the waiting API pops."""
+    rt = runtime()
+    try:
+        mm = _load_model(rt, model_id)
+        res = mm.adapt(payload["support"]["x"], payload["support"]["y"], steps=payload["steps"],
+                       modules=payload["modules"])
+        pred = mm.predict(payload["query"]["x"], res.params)
+        out = {"ok": True, "predictions": [[_finite(v) for v in row] for row in pred.double().cpu().tolist()], "adapted_modules": res.adapted_modules,
+               "loss_curve": [_finite(v) for v in res.loss_curve]}
+    except ValueError as e:
+        out = {"ok": False, "status": 422, "message": str(e)}
+    except Exception as e:
+        log.exception("adapt %s failed", request_id)
+        out = {"ok": False, "status": 500, "message": f"{type(e).__name__}: {e}"}
+    key = reply_key(request_id)
+    pipe = rt.redis.pipeline()
+    pipe.rpush(key, json.dumps(out))
+    pipe.expire(key, 300)
+    pipe.execute()
+    return None
