@@ -6,7 +6,7 @@ and can be resumed from a saved generator state.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch.nn import functional as F
@@ -71,6 +71,75 @@ class Sinusoid(Family):
         y = a.view(n, 1, 1) * torch.sin(w.view(n, 1, 1) * x - b.view(n, 1, 1))
         k = self.shots
         return TaskBatch(x[:, :k].float(), y[:, :k].float(), x[:, k:].float(), y[:, k:].float())
+
+
+class Polynomial(Family):
+    """y = sum_{i=0}^{order} c_i x^i with c_i ~ U[coefficients] (MT-net Sec. 6.3: U[-1, 1], orders 0..3).
+
+    x ~ U[x_range]; the default (-5, 5) is MT-net's Sec. 6.1 input range, which Sec. 6.3 says it reuses.
+    """
+
+    def __init__(self, order=2, shots=10, query=10, coefficients=(-1.0, 1.0), x_range=(-5.0, 5.0)):
+        if order < 0:
+            raise ValueError(f"polynomial order must be >= 0, got {order}")
+        self.order, self.shots, self.query = int(order), shots, query
+        self.coefficients, self.x_range = tuple(coefficients), tuple(x_range)
+
+    def sample_functions(self, n, g):
+        return _uniform(n * (self.order + 1), self.coefficients, g).view(n, self.order + 1)
+
+    def sample(self, n, generator, split="train"):
+        c = self.sample_functions(n, generator)                                  # [n, order + 1]
+        x = _uniform(n * (self.shots + self.query), self.x_range, generator).view(n, -1, 1)
+        powers = x ** torch.arange(self.order + 1, dtype=torch.float64)          # [n, K, order + 1]
+        y = (powers * c.unsqueeze(1)).sum(-1, keepdim=True)
+        k = self.shots
+        return TaskBatch(x[:, :k].float(), y[:, :k].float(), x[:, k:].float(), y[:, k:].float())
+
+
+class RegressionTasks(Family):
+    """Regression tasks from a fixed collection of per-task point sets (e.g. a user upload).
+
+    ``tasks``: a list of ``(x [N_t, d_in], y [N_t, d_out])`` arrays or tensors. A sampled task is one of
+    the split's tasks with ``shots`` support and ``query`` query points drawn without replacement. Tasks
+    are split into train / val / test with a fixed seed.
+    """
+
+    def __init__(self, tasks, shots=10, query=10, test_fraction=0.2, val_fraction=0.0, split_seed=0):
+        self.tasks = [(torch.as_tensor(x, dtype=torch.float32).reshape(len(x), -1),
+                       torch.as_tensor(y, dtype=torch.float32).reshape(len(y), -1)) for x, y in tasks]
+        if not self.tasks:
+            raise ValueError("no tasks")
+        self.shots, self.query = int(shots), int(query)
+        d_in = {x.shape[1] for x, _ in self.tasks}
+        d_out = {y.shape[1] for _, y in self.tasks}
+        if len(d_in) != 1 or len(d_out) != 1:
+            raise ValueError(f"tasks disagree on input/output dimensions: {sorted(d_in)} / {sorted(d_out)}")
+        self.input_shape, self.output_dim = (d_in.pop(),), d_out.pop()
+        small = [i for i, (x, _) in enumerate(self.tasks) if x.shape[0] < self.shots + self.query]
+        if small:
+            raise ValueError(f"tasks {small[:10]} have fewer than shots + query = {self.shots + self.query} points")
+        n = len(self.tasks)
+        n_test = 0 if test_fraction == 0 else max(1, round(test_fraction * n))
+        n_val = 0 if val_fraction == 0 else max(1, round(val_fraction * n))
+        if n_test + n_val >= n:
+            raise ValueError(f"cannot split {n} tasks with test={test_fraction}, val={val_fraction}")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(split_seed))).tolist()
+        self.splits = {"test": perm[:n_test], "val": perm[n_test:n_test + n_val], "train": perm[n_test + n_val:]}
+
+    def sample(self, n, generator, split="train"):
+        pool = self.splits[split]
+        if not pool:
+            raise ValueError(f"split {split!r} is empty")
+        picks = torch.randint(len(pool), (n,), generator=generator).tolist()
+        k = self.shots
+        out = [[], [], [], []]
+        for i in picks:
+            x, y = self.tasks[pool[i]]
+            idx = torch.randperm(x.shape[0], generator=generator)[: k + self.query]
+            for j, t in enumerate((x[idx[:k]], y[idx[:k]], x[idx[k:]], y[idx[k:]])):
+                out[j].append(t)
+        return TaskBatch(*(torch.stack(t) for t in out))
 
 
 def _swirl(omega):
@@ -156,14 +225,52 @@ class HierarchicalNormal(Family):
         return TaskBatch(*(t[idx] for t in self._fixed))
 
 
-def build_family(cfg: dict, seed: int = 0) -> Family:
+# --------------------------------------------------------------------------- data sources (injected)
+# core/ imports only torch/numpy/stdlib, so data sets are handed in by the caller: a loader registered
+# under a source name receives the ``tasks`` config dict and returns a dict with ``images`` (uint8
+# [classes, per_class, H, W]), ``groups`` (one int per class) and optionally ``class_names``; or, for
+# regression sources, ``tasks`` (a list of (x, y) arrays). ``import datasets`` registers "omniglot".
+_SOURCES: dict = {}
+
+
+def register_source(name: str, loader: Callable[[dict], dict]) -> None:
+    """Register (or replace) the loader of a data source used by ``image_classes`` / ``regression_dataset``."""
+    _SOURCES[name] = loader
+
+
+def load_source(cfg: dict) -> dict:
+    name = cfg.get("source", "omniglot")
+    if name not in _SOURCES:
+        raise ValueError(f"no loader registered for data source {name!r}: call core.tasks.register_source "
+                         f"(for Omniglot: `import datasets`, which registers it); known: {sorted(_SOURCES)}")
+    return _SOURCES[name](cfg)
+
+
+def build_family(cfg: dict, seed: int = 0, data: Optional[dict] = None) -> Family:
+    """The task family of a ``tasks`` config. ``data`` (the loader's dict) bypasses the source registry."""
     fam = cfg["family"]
     if fam == "sinusoid":
         return Sinusoid(cfg["shots"], cfg["query"], tuple(cfg["amplitude"]), tuple(cfg["phase"]),
                         tuple(cfg["x_range"]), tuple(cfg["frequency"]) if cfg.get("frequency") else None)
+    if fam == "polynomial":
+        return Polynomial(cfg["order"], cfg["shots"], cfg["query"], tuple(cfg["coefficients"]), tuple(cfg["x_range"]))
     if fam == "hierarchical_normal":
         return HierarchicalNormal(cfg["variant"], cfg["shots"], cfg["query"], cfg["phi_true"], cfg["sigma2_true"],
                                   cfg.get("n_tasks"), seed)
+    if fam == "image_classes":
+        from .images import ImageClasses  # images.py imports this module
+        data = data if data is not None else load_source(cfg)
+        split = cfg.get("split") or {}
+        return ImageClasses(data["images"], data.get("groups"), cfg["ways"], cfg["shots"], cfg["query"],
+                            cfg.get("image_size"), cfg.get("rotations", False), split.get("by", "class"),
+                            split.get("test_fraction", 0.2), split.get("val_fraction", 0.0), split.get("seed", 0),
+                            cfg.get("task_mode", "random"), cfg.get("instance_split"), cfg.get("augment"),
+                            data.get("class_names"))
+    if fam == "regression_dataset":
+        data = data if data is not None else load_source(cfg)
+        split = cfg.get("split") or {}
+        return RegressionTasks(data["tasks"], cfg["shots"], cfg["query"], split.get("test_fraction", 0.2),
+                               split.get("val_fraction", 0.0), split.get("seed", 0))
     raise ValueError(f"unknown task family {fam!r}")
 
 

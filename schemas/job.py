@@ -156,7 +156,106 @@ class HierarchicalNormalTasks(Strict):
     )
 
 
-Tasks = Annotated[Union[SinusoidTasks, HierarchicalNormalTasks], Field(discriminator="family")]
+class PolynomialTasks(Strict):
+    family: Literal["polynomial"]
+    order: int = Field(3, ge=0, le=20, description="MT-net Sec. 6.3 uses orders 0..3")
+    shots: int = Field(10, ge=1, le=10000)
+    query: int = Field(10, ge=1, le=10000)
+    coefficients: Range = Field((-1.0, 1.0), description="each c_i ~ U[coefficients]")
+    x_range: Range = Field((-5.0, 5.0), description="x ~ U[x_range] (MT-net Sec. 6.1's input range)")
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        for n in ("coefficients", "x_range"):
+            _check_range(n, getattr(self, n))
+        return self
+
+
+class Split(Strict):
+    by: Literal["class", "group"] = Field("class", description="split classes, or whole groups (alphabets)")
+    test_fraction: float = Field(0.2, ge=0, lt=1, allow_inf_nan=False)
+    val_fraction: float = Field(0.0, ge=0, lt=1, allow_inf_nan=False, description="meta-validation split")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="fixed seed of the split (independent of the job seed)")
+
+    @model_validator(mode="after")
+    def _sum(self):
+        if self.test_fraction + self.val_fraction >= 1:
+            raise ValueError("test_fraction + val_fraction must be below 1")
+        return self
+
+
+class Augment(Strict):
+    scale: Range = Field((0.8, 1.2), description="scale factor ~ U[scale] (App. E.1)")
+    translate: Range = Field((-0.2, 0.2), description="translation ~ U[translate], fraction of the image size")
+    rotate: Optional[Range] = Field(None, description="rotation in degrees ~ U[rotate]; E.1 large-data: (0, 360)")
+    splits: list[Literal["train", "val", "test"]] = Field(default_factory=lambda: ["train"],
+                                                          description="splits whose tasks are augmented")
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        for n in ("scale", "translate", "rotate"):
+            _check_range(n, getattr(self, n))
+        if self.scale[0] <= 0:
+            raise ValueError("scale must be positive")
+        return self
+
+
+DatasetId = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class ImageClassesTasks(Strict):
+    """N-way K-shot classification. ``source: "omniglot"`` reads the Omniglot zips from the server's
+    configured folder (METASHRINK_OMNIGLOT_DIR); ``source: "dataset"`` uses uploaded dataset id(s)."""
+
+    family: Literal["image_classes"]
+    source: Literal["omniglot", "dataset"] = "omniglot"
+    dataset_id: Optional[Union[DatasetId, Annotated[list[DatasetId], Field(min_length=1, max_length=16)]]] = None
+    ways: int = Field(5, ge=2, le=1000)
+    shots: int = Field(1, ge=1, le=1000, description="support images per class")
+    query: int = Field(15, ge=1, le=1000, description="query images per class")
+    image_size: Optional[int] = Field(28, ge=4, le=512, description="resize to image_size^2; None keeps the size")
+    rotations: bool = Field(False, description="0/90/180/270 degree rotations as new classes (App. E.4.1)")
+    split: Split = Field(default_factory=Split)
+    task_mode: Literal["random", "per_group"] = Field(
+        "random", description="random: any `ways` classes of the split; per_group: one fixed task per group (App. E.1)")
+    instance_split: Optional[int] = Field(
+        None, ge=1, le=10000, description="support from the first n instances per class, query from the rest (E.1: 15)")
+    augment: Optional[Augment] = Field(None, description="on-the-fly augmentation (App. E.1)")
+
+    @model_validator(mode="after")
+    def _source(self):
+        if self.source == "dataset" and not self.dataset_id:
+            raise ValueError("source 'dataset' needs dataset_id")
+        if self.source != "dataset" and self.dataset_id:
+            raise ValueError("dataset_id is only used with source 'dataset'")
+        if self.instance_split is not None and self.shots > self.instance_split:
+            raise ValueError(f"shots={self.shots} exceeds instance_split={self.instance_split}")
+        return self
+
+
+class RegressionSplit(Strict):
+    test_fraction: float = Field(0.2, ge=0, lt=1, allow_inf_nan=False)
+    val_fraction: float = Field(0.0, ge=0, lt=1, allow_inf_nan=False)
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+
+
+class RegressionDatasetTasks(Strict):
+    """Regression tasks from uploaded point sets (a task column/array), split by task with a fixed seed."""
+
+    family: Literal["regression_dataset"]
+    source: Literal["dataset"] = "dataset"
+    dataset_id: Union[DatasetId, Annotated[list[DatasetId], Field(min_length=1, max_length=16)]]
+    shots: int = Field(10, ge=1, le=100000)
+    query: int = Field(10, ge=1, le=100000)
+    split: RegressionSplit = Field(default_factory=RegressionSplit)
+
+
+IMAGE_FAMILIES = ("image_classes",)
+
+Tasks = Annotated[
+    Union[SinusoidTasks, PolynomialTasks, HierarchicalNormalTasks, ImageClassesTasks, RegressionDatasetTasks],
+    Field(discriminator="family"),
+]
 
 
 # --------------------------------------------------------------------------- optimisation
@@ -215,6 +314,7 @@ class JobConfig(Strict):
             raise ValueError("tasks.family 'hierarchical_normal' needs model.arch 'identity'")
         if arch == "identity" and fam != "hierarchical_normal":
             raise ValueError("model.arch 'identity' is only for tasks.family 'hierarchical_normal'")
-        if arch == "conv4":
-            raise ValueError(f"model.arch 'conv4' needs an image task family; '{fam}' is not one")
+        if arch == "conv4" and fam not in IMAGE_FAMILIES:
+            raise ValueError(f"model.arch 'conv4' needs an image task family ({', '.join(IMAGE_FAMILIES)}); "
+                             f"'{fam}' is not one")
         return self
