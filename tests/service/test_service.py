@@ -282,3 +282,37 @@ def test_resume_after_sigkill(service, reference):
         assert torch.equal(a[k], b[k]), k
     series = service.client.get(f"/v1/jobs/{jid}/metrics", headers=service.h()).json()["series"]
     assert [s for s, _ in series["query_loss"]] == list(range(1, 41))
+
+
+# --------------------------------------------------------------------------- reconciler
+def _insert_job(service, **fields):
+    from datetime import timedelta
+
+    from schemas import JobConfig
+    from store.models import Job, new_id, utcnow
+    cfg = JobConfig.model_validate(small_config(steps=10)).model_dump(mode="json")
+    now = utcnow()
+    row = dict(id=new_id("job"), tenant="alice", kind="train", status="queued", config=cfg, step=0, total_steps=10,
+               attempts=0, max_attempts=3, cancel_requested=False, created_at=now, updated_at=now,
+               enqueued_at=now - timedelta(seconds=600))
+    row.update(fields)
+    with service.app.state.db.session() as s:
+        s.add(Job(**row))
+    return row["id"]
+
+
+def test_reconciler_resends_lost_message(service):
+    """A queued job whose broker message was lost (never sent here) is found from the database and runs."""
+    jid = _insert_job(service)
+    j = service.wait(jid, timeout=300)
+    assert j["status"] == "succeeded" and j["attempts"] == 1, j
+
+
+def test_reconciler_fails_job_with_attempts_spent(service):
+    from datetime import timedelta
+
+    from store.models import utcnow
+    jid = _insert_job(service, status="running", attempts=3, lease_owner="gone:1:x",
+                      lease_expires_at=utcnow() - timedelta(seconds=5))
+    j = service.wait(jid, timeout=60)
+    assert j["status"] == "failed" and "attempts" in j["error"]["message"], j
