@@ -62,7 +62,13 @@ class MetaModel:
         self.device = torch.device(device) if device is not None else next(iter(phi.values())).device
         self.family = build_family(config["tasks"], int(config.get("seed", 0)))
         self.model = build_model(config["model"], self.family).to(self.device)
-        self.phi = {k: v.to(self.device) for k, v in phi.items()}
+        # the model's own parameter order (a safetensors file hands keys back sorted): the partition's module
+        # order, and so the meaning of log_sigma2[m], follows it
+        order = [k for k, _ in self.model.named_parameters()]
+        missing = set(order) ^ set(phi)
+        if missing:
+            raise ValueError(f"parameters do not match the model: {sorted(missing)}")
+        self.phi = {k: phi[k].to(self.device) for k in order}
         self.log_sigma2 = log_sigma2.to(self.device)
         self.dtype = next(iter(self.phi.values())).dtype
         mods = config["modules"]
@@ -122,7 +128,12 @@ class MetaModel:
     def loss(self, params, x, y):
         return self.family.loss(functional_call(self.model, params, (x,)), y)
 
-    def adapt(self, xs, ys, steps: int | None = None, modules="selected", lr: float | None = None) -> AdaptResult:
+    def adapt(self, xs, ys, steps: int | None = None, modules="selected", lr: float | None = None,
+              on_step=None) -> AdaptResult:
+        """Adapt the chosen modules to the support set (xs, ys) for ``steps`` inner steps (the job's inner
+        optimizer and learning rate unless ``lr`` is given). ``on_step(step, params)`` is called with the full
+        parameter dict before the first step (step 0) and after every step, e.g. to score a query set along
+        the way (evaluation schedules) without re-running the adaptation."""
         inner = self.config["inner"]
         steps = inner["steps"] if steps is None else int(steps)
         if not 0 <= steps <= MAX_ADAPT_STEPS:
@@ -137,7 +148,9 @@ class MetaModel:
         theta = dict(center)
         state = opt.init(theta) if theta else {}
         curve = []
-        for _ in range(steps):
+        if on_step is not None:
+            on_step(0, {**frozen, **theta})
+        for step in range(1, steps + 1):
             leaves = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
             loss = self.loss({**frozen, **leaves}, xs, ys)
             objective = loss + prior_penalty(leaves, center, lam) if (lam and not opt.proximal) else loss
@@ -145,6 +158,8 @@ class MetaModel:
             curve.append(loss.detach())
             with torch.no_grad():
                 theta, state = opt.update(dict(zip(leaves, grads)), state, theta, center, lam)
+            if on_step is not None:
+                on_step(step, {**frozen, **theta})
         with torch.no_grad():
             params = {**frozen, **theta}
             curve.append(self.loss(params, xs, ys))

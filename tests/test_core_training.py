@@ -1,0 +1,159 @@
+"""Core behaviour: partitions, prior, selection, adaptation, checkpoints, and App. A consistency."""
+import math
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from core import MetaModel, MetaTrainer, PartitionError, build_partition, inverse_gamma_penalty, select_modules
+from core.modules import sigma2
+from schemas import JobConfig
+
+
+def sinusoid_cfg(alg="sigma_reptile", steps=20, **over):
+    body = {"algorithm": {"name": alg}, "model": {"arch": "mlp", "hidden": [16, 16]},
+            "modules": {"partition": "per_tensor"}, "tasks": {"family": "sinusoid", "shots": 10, "query": 10},
+            "inner": {"lr": 0.01, "steps": 3}, "outer": {"meta_batch": 4, "steps": steps},
+            "execution": {"vectorize": "vmap"}, "seed": 3}
+    for k, v in over.items():
+        body[k] = {**body.get(k, {}), **v} if isinstance(v, dict) else v
+    return JobConfig.model_validate(body).model_dump()
+
+
+# ---------------------------------------------------------------------------------- partitions
+def test_partitions_cover_every_parameter_once():
+    params = {"fc0.weight": torch.zeros(3, 2), "fc0.bias": torch.zeros(3), "bn0.weight": torch.zeros(3),
+              "bn0.bias": torch.zeros(3), "head.weight": torch.zeros(1, 3)}
+    p = build_partition(params, "per_layer")
+    assert p.names == ("fc0", "bn0", "head") and p.sizes == (9, 6, 3)
+    assert build_partition(params, "per_tensor").names == tuple(params)
+    g = build_partition(params, "groups", {"body": ["fc*", "bn*"], "head": ["head.*"]})
+    assert g.names == ("body", "head") and g.sizes == (15, 3)
+    with pytest.raises(PartitionError, match="matches no module"):
+        build_partition(params, "groups", {"body": ["fc*"], "head": ["head.*"]})
+    with pytest.raises(PartitionError, match="more than one module"):
+        build_partition(params, "groups", {"a": ["fc0.*"], "b": ["fc0.weight", "bn*", "head*"]})
+
+
+def test_sigma2_is_clipped_and_inverse_gamma_shrinks():
+    ls = torch.tensor([-30.0, 0.0, 30.0])
+    assert torch.allclose(sigma2(ls), torch.tensor([1e-5, 1.0, 1e5]), rtol=1e-5)
+    # the regulariser is a penalty: its gradient pushes log sigma^2 down above the mode beta / 2 ...
+    ls = torch.tensor([math.log(1e-3), 0.0, math.log(10.0)], requires_grad=True)
+    (g,) = torch.autograd.grad(inverse_gamma_penalty(ls, 1e-5), ls)
+    assert torch.all(g > 0)
+    # ... and up below it
+    ls2 = torch.tensor([math.log(1e-4)], requires_grad=True)
+    (g2,) = torch.autograd.grad(inverse_gamma_penalty(ls2, 1e-3), ls2)
+    assert g2 < 0
+
+
+def test_module_selection_rules():
+    names = ["a", "b", "c", "d"]
+    ls = torch.log(torch.tensor([1e-4, 2.0, 1e-5, 0.5]))
+    assert select_modules(names, ls, "gap") == ["b", "d"]
+    assert select_modules(names, ls, "threshold", threshold=1.0) == ["b"]
+    assert select_modules(names, ls, "topk", k=3) == ["a", "b", "d"]
+
+
+# ---------------------------------------------------------------------------------- schema
+def test_schema_defaults_and_errors():
+    cfg = JobConfig.model_validate({"algorithm": {"name": "sigma_imaml"}, "model": {"arch": "mlp"},
+                                    "tasks": {"family": "sinusoid"}})
+    assert cfg.inner.optimizer == "proximal_gd" and cfg.algorithm.cg_steps == 5
+    assert JobConfig.model_validate({"algorithm": {"name": "maml"}, "model": {"arch": "mlp"},
+                                     "tasks": {"family": "sinusoid"}}).inner.optimizer == "sgd"
+    for bad, where in [({"algorithm": {"name": "nope"}}, "algorithm"),
+                       ({"outer": {"meta_batch": 0}}, "meta_batch"),
+                       ({"inner": {"lr": float("nan")}}, "lr"),
+                       ({"bogus": 1}, "bogus"),
+                       ({"model": {"arch": "identity"}}, "identity")]:
+        body = {"algorithm": {"name": "maml"}, "model": {"arch": "mlp"}, "tasks": {"family": "sinusoid"}, **bad}
+        with pytest.raises(ValidationError, match=where):
+            JobConfig.model_validate(body)
+
+
+# ---------------------------------------------------------------------------------- training + checkpoints
+def test_resume_from_checkpoint_is_bit_for_bit():
+    cfg = sinusoid_cfg("sigma_imaml", steps=12)
+    full = MetaTrainer(cfg)
+    full.run()
+    first = MetaTrainer(cfg)
+    first.run(steps=5)
+    tensors, meta = first.state_dict()
+    second = MetaTrainer(cfg)
+    second.load_state_dict({k: v.clone() for k, v in tensors.items()}, meta)
+    assert second.step_count == 5
+    second.run()
+    for k in full.meta["phi"]:
+        assert torch.equal(full.meta["phi"][k], second.meta["phi"][k])
+    assert torch.equal(full.meta["log_sigma2"], second.meta["log_sigma2"])
+
+
+def test_auto_vectorisation_is_measured_and_recorded():
+    t = MetaTrainer(sinusoid_cfg("maml", steps=2, execution={"vectorize": "auto"}))
+    t.step()
+    assert t.vectorize in ("vmap", "loop")
+    assert t.state_dict()[1]["vectorize"] == t.vectorize
+
+
+@pytest.mark.parametrize("alg", ["maml", "fomaml", "sigma_maml", "imaml", "sigma_imaml", "reptile", "sigma_reptile"])
+def test_every_algorithm_trains_and_logs(alg):
+    t = MetaTrainer(sinusoid_cfg(alg, steps=3))
+    m = t.run()
+    assert math.isfinite(m["query_loss"])
+    if alg in ("imaml", "sigma_imaml", "sigma_reptile"):
+        assert "cg_residual" in m and m["cg_iterations"] >= 1
+    if alg.startswith("sigma"):
+        assert not torch.equal(t.meta["log_sigma2"], torch.zeros_like(t.meta["log_sigma2"]))  # learned
+    mm = t.meta_model()
+    assert [e["name"] for e in mm.module_map()] == list(mm.partition.names)
+
+
+# ---------------------------------------------------------------------------------- adaptation
+def test_adapt_moves_only_chosen_modules_and_keeps_no_graph():
+    t = MetaTrainer(sinusoid_cfg("sigma_reptile", steps=2))
+    mm = t.meta_model()
+    batch = t.family.sample(1, torch.Generator().manual_seed(9)).task(0)
+    res = mm.adapt(batch.xs, batch.ys, steps=25, modules=["fc0.weight", "fc0.bias"])
+    assert res.adapted_modules == ["fc0.weight", "fc0.bias"]
+    for k, v in res.params.items():
+        assert not v.requires_grad
+        if k.startswith("fc0"):
+            assert not torch.equal(v, mm.phi[k])
+        else:
+            assert torch.equal(v, mm.phi[k])
+    assert len(res.loss_curve) == 26 and res.loss_curve[-1] < res.loss_curve[0]
+    assert set(res.adapter(mm.partition)) == {"fc0.weight", "fc0.bias"}
+    zero = mm.adapt(batch.xs, batch.ys, steps=0)
+    assert torch.equal(mm.predict(batch.xq, zero.params), mm.predict(batch.xq))
+    seen = []
+    mm.adapt(batch.xs, batch.ys, steps=3, on_step=lambda s, p: seen.append(s))
+    assert seen == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="unknown modules"):
+        mm.adapt(batch.xs, batch.ys, steps=1, modules=["nope"])
+    with pytest.raises(ValueError, match="steps"):
+        mm.adapt(batch.xs, batch.ys, steps=10001)
+
+
+def test_meta_model_roundtrip_through_tensors():
+    t = MetaTrainer(sinusoid_cfg("sigma_maml", steps=2))
+    mm = t.meta_model()
+    back = MetaModel.from_tensors(t.config, mm.tensors())
+    x = torch.linspace(-5, 5, 7).view(-1, 1)
+    assert torch.equal(back.predict(x), mm.predict(x))
+    assert back.module_map() == mm.module_map()
+
+
+# ---------------------------------------------------------------------------------- App. A
+def test_appendix_a_consistency_with_1000_tasks():
+    from benchmarks.reproduce.appendix_a import run
+    res = run(tasks=1000)
+    for alg in ("sigma_imaml", "sigma_reptile"):
+        r = res[alg]
+        # the learned values are the closed-form estimators of the same data (Eqs. 17-20, Prop. 2, Eq. 25) ...
+        assert abs(r["phi"] - r["phi_closed_form"]) < 1e-3 * abs(r["phi_closed_form"])
+        assert abs(r["sigma2"] - r["sigma2_closed_form"]) < 1e-3 * r["sigma2_closed_form"]
+        # ... which are within 10% of the truth at T = 1000
+        assert abs(r["phi"] - r["phi_true"]) < 0.1 * abs(r["phi_true"])
+        assert abs(r["sigma2"] - r["sigma2_true"]) < 0.1 * r["sigma2_true"]
