@@ -5,7 +5,6 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
-TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
@@ -16,7 +15,7 @@ $(PY):
 	$(PY) -m pip install --upgrade pip
 
 install: $(PY)
-	$(PY) -m pip install "$(TORCH)" || $(PY) -m pip install "$(TORCH)" --index-url "$(TORCH_INDEX)"
+	$(PY) -m pip install "$(TORCH)"
 	$(PY) -m pip install -e ".[dev]"
 
 migrate: install
