@@ -81,7 +81,10 @@ def test_evaluate_each_module_and_loop_fallback():
 
 def test_end_to_end_omniglot_5way_1shot_beats_chance():
     """Meta-train a tiny conv4 (16 channels) with MAML on Omniglot 5-way 1-shot (rotations, held-out characters)
-    for 80 meta-steps, then evaluate on 100 test-split tasks: accuracy must be far above chance (0.2)."""
+    for 150 meta-steps, then evaluate on 200 test-split tasks: accuracy must be far above chance (0.2).
+
+    One intra-op thread: on a 2-core machine shared with other processes, PyTorch's default of 2 threads made
+    these small convolutions ~10x slower (0.81 vs 0.084 s per meta-step, measured)."""
     import datasets
     from datasets.omniglot import default_directory
     if not list(default_directory().glob("images_*.zip")):
@@ -90,18 +93,23 @@ def test_end_to_end_omniglot_5way_1shot_beats_chance():
         "algorithm": {"name": "maml"}, "model": {"arch": "conv4", "channels": 16},
         "tasks": {"family": "image_classes", "source": "omniglot", "ways": 5, "shots": 1, "query": 5,
                   "rotations": True, "split": {"by": "class", "test_fraction": 0.2, "seed": 0}},
-        "inner": {"lr": 0.4, "steps": 1}, "outer": {"steps": 80, "meta_batch": 8, "lr_phi": 3e-3},
+        "inner": {"lr": 0.4, "steps": 1}, "outer": {"steps": 150, "meta_batch": 8, "lr_phi": 3e-3},
         "execution": {"device": "cpu", "vectorize": "vmap"}, "seed": 0}).model_dump()
-    t0 = time.perf_counter()
-    trainer = MetaTrainer(cfg)
-    trainer.run()
-    train_s = time.perf_counter() - t0
-    train_chars = set(trainer.family.classes("train").tolist())
-    assert not train_chars & set(trainer.family.classes("test").tolist())
-    r = evaluate(trainer.meta_model(), n_tasks=100, steps=[0, 1, 3], modules="all", split="test")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t0 = time.perf_counter()
+        trainer = MetaTrainer(cfg)
+        trainer.run()
+        train_s = time.perf_counter() - t0
+        train_chars = set(trainer.family.classes("train").tolist())
+        assert not train_chars & set(trainer.family.classes("test").tolist())
+        r = evaluate(trainer.meta_model(), n_tasks=200, steps=[0, 1, 3], modules="all", split="test")
+    finally:
+        torch.set_num_threads(threads)
     acc = {x["step"]: x for x in r["results"]}
     print(f"train {train_s:.1f}s; test accuracy " +
           ", ".join(f"step {s}: {a['mean']:.3f} +- {a['ci95']:.3f}" for s, a in acc.items()))
     assert r["metric"] == "accuracy"
     assert acc[0]["mean"] == pytest.approx(0.2, abs=0.05)  # an untrained head at phi: chance on average
-    assert acc[3]["mean"] - acc[3]["ci95"] > 0.4
+    assert acc[3]["mean"] - acc[3]["ci95"] > 0.5
