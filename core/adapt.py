@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.func import functional_call
+
 
 from .algorithms import SIGMA_ALGORITHMS
-from .models import build_model
+from .models import apply, build_model
 from .modules import build_partition, per_param, prior_penalty, sigma2
 from .optim import build_optimizer
 from .tasks import build_family
@@ -126,7 +126,7 @@ class MetaModel:
         return t.to(self.dtype)
 
     def loss(self, params, x, y):
-        return self.family.loss(functional_call(self.model, params, (x,)), y)
+        return self.family.loss(apply(self.model, params, x), y)
 
     def adapt(self, xs, ys, steps: int | None = None, modules="selected", lr: float | None = None,
               on_step=None) -> AdaptResult:
@@ -167,7 +167,7 @@ class MetaModel:
 
     @torch.no_grad()
     def predict(self, x, params: dict | None = None):
-        out = functional_call(self.model, params if params is not None else self.phi, (self._tensor(x),))
+        out = apply(self.model, params if params is not None else self.phi, self._tensor(x))
         return out.softmax(-1) if self.kind == "classification" else out
 
     # ------------------------------------------------------------------ serialisation

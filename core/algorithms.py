@@ -19,9 +19,10 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.func import functional_call, grad, grad_and_value, jvp
+from torch.func import grad, grad_and_value, jvp
 
 from .cg import conjugate_gradient
+from .models import apply
 from .modules import Partition, per_param, prior_penalty, sigma2
 from .optim import Optimizer
 
@@ -36,7 +37,7 @@ class Learner:
         self.inner, self.inner_steps = inner, inner_steps
 
     def data_loss(self, params, x, y):
-        return self.family.loss(functional_call(self.model, params, (x,)), y)
+        return self.family.loss(apply(self.model, params, x), y)
 
     def lam(self, log_sigma2):
         """Per-parameter-tensor lambda = 1 / sigma_m^2."""

@@ -157,3 +157,21 @@ def test_appendix_a_consistency_with_1000_tasks():
         # ... which are within 10% of the truth at T = 1000
         assert abs(r["phi"] - r["phi_true"]) < 0.1 * abs(r["phi_true"])
         assert abs(r["sigma2"] - r["sigma2_true"]) < 0.1 * r["sigma2_true"]
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv4", "identity"])
+def test_pure_functional_forward_equals_functional_call(arch):
+    from torch.func import functional_call
+
+    from core.models import apply, build_model, init_params
+    from core.tasks import HierarchicalNormal
+    from tests.core_helpers import ToyImages, ToyRegression
+    family = {"mlp": ToyRegression(), "conv4": ToyImages(), "identity": HierarchicalNormal("swirl")}[arch]
+    cfg = {"mlp": {"arch": "mlp", "hidden": [7, 5], "activation": "tanh"},
+           "conv4": {"arch": "conv4", "channels": 4, "variant": "strided", "channels_last": False},
+           "identity": {"arch": "identity"}}[arch]
+    model = build_model(cfg, family)
+    params = init_params(model, torch.Generator().manual_seed(0), torch.float64)
+    params = {k: v + 0.1 * torch.randn(v.shape, dtype=v.dtype) for k, v in params.items()}
+    x = family.sample(1, torch.Generator().manual_seed(1)).xs[0].double()
+    assert torch.allclose(apply(model, params, x), functional_call(model, params, (x,)), atol=1e-12)
