@@ -17,8 +17,9 @@ import math
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
+from .models import apply
 from .modules import per_param, prior_penalty, sigma2
 from .optim import build_optimizer
 
@@ -71,7 +72,7 @@ class _Adapter:
         return loss
 
     def _metric(self, theta, xq, yq):
-        pred = functional_call(self.mm.model, {**self.frozen, **theta}, (xq,))
+        pred = apply(self.mm.model, {**self.frozen, **theta}, xq)
         if self.kind == "classification":
             return (pred.argmax(-1) == yq).to(pred.dtype).mean()
         return self.mm.family.loss(pred, yq)
@@ -81,6 +82,21 @@ class _Adapter:
             return vmap(fn)(theta, *data)
         outs = [fn({k: v[i] for k, v in theta.items()}, *(d[i] for d in data)) for i in range(data[0].shape[0])]
         return torch.utils._pytree.tree_map(lambda *t: torch.stack(t), *outs)
+
+    def run_metamodel(self, batch, steps: Sequence[int], names: list, lr) -> torch.Tensor:
+        """The reference path: ``MetaModel.adapt`` per task with its ``on_step`` hook (no vmap)."""
+        xs, ys, xq, yq = batch
+        want, cols = set(steps), []
+        for i in range(xs.shape[0]):
+            out = {}
+
+            def record(step, params, i=i, out=out):
+                if step in want:
+                    with torch.no_grad():
+                        out[step] = self._metric({k: params[k] for k in self.center}, xq[i], yq[i])
+            self.mm.adapt(xs[i], ys[i], steps=max(steps), modules=names, lr=lr, on_step=record)
+            cols.append(torch.stack([out[t] for t in steps]))
+        return torch.stack(cols, 1)
 
     def run(self, batch, steps: Sequence[int], use_vmap: bool) -> torch.Tensor:
         """Per-task query metric [len(steps), B] at each of ``steps`` (sorted, distinct)."""
@@ -111,7 +127,9 @@ def evaluate(meta_model, family=None, n_tasks: int = 600, steps: Iterable[int] =
     own family) drawn from ``split``; see the module docstring.
 
     ``modules``: "selected" (the learned task-specific modules), "all", "each" (one module at a time) or a
-    list of module names. ``lr`` overrides the inner learning rate. ``progress(done, total)`` is called
+    list of module names. ``lr`` overrides the inner learning rate. ``vectorize``: "auto"/"vmap" adapt a chunk
+    of tasks together with torch.func.vmap (fallback: loop), "loop" one task at a time with the same batched
+    code, "adapt" through ``MetaModel.adapt(on_step=...)`` itself (the reference path, slowest). ``progress(done, total)`` is called
     after each chunk of tasks. Returns ``{"metric", "split", "n_tasks", "steps", "ci": ..., "results":
     [{"step", "modules", "adapted", "mean", "ci95", "std", "n"}]}``.
     """
@@ -134,7 +152,10 @@ def evaluate(meta_model, family=None, n_tasks: int = 600, steps: Iterable[int] =
     while done < n_tasks:
         b = min(batch_size, n_tasks - done)
         batch = family.sample(b, generator, split).to(meta_model.device, meta_model.dtype)
-        for label, _, ad in adapters:
+        for label, names, ad in adapters:
+            if vectorize == "adapt":
+                per_task[label].append(ad.run_metamodel(batch, steps, names, lr).double().cpu())
+                continue
             try:
                 vals = ad.run(batch, steps, use_vmap)
             except Exception:
@@ -153,4 +174,4 @@ def evaluate(meta_model, family=None, n_tasks: int = 600, steps: Iterable[int] =
             results.append({"step": s, "modules": label, "adapted": list(names), **mean_ci(vals[i])})
     return {"metric": metric_name(meta_model.kind), "split": split, "n_tasks": int(n_tasks), "steps": steps,
             "ci": "95% half-width = 1.96 * sample std (ddof=1) over tasks / sqrt(n_tasks)",
-            "vectorize": "vmap" if use_vmap else "loop", "results": results}
+            "vectorize": vectorize if vectorize == "adapt" else ("vmap" if use_vmap else "loop"), "results": results}

@@ -74,9 +74,11 @@ def test_evaluate_each_module_and_loop_fallback():
     assert all(x["n"] == 6 for x in r["results"])
     # step 0 is phi itself whichever module adapts
     assert r["results"][0]["mean"] == pytest.approx(r["results"][2]["mean"])
-    r2 = evaluate(mm, n_tasks=6, steps=[0, 2], modules="each", batch_size=4, vectorize="loop")
-    for a, b in zip(r["results"], r2["results"]):
-        assert a["mean"] == pytest.approx(b["mean"], rel=1e-5)
+    for mode in ("loop", "adapt"):
+        r2 = evaluate(mm, n_tasks=6, steps=[0, 2], modules="each", batch_size=4, vectorize=mode)
+        assert r2["vectorize"] == mode
+        for a, b in zip(r["results"], r2["results"]):
+            assert a["mean"] == pytest.approx(b["mean"], rel=1e-5)
 
 
 def test_end_to_end_omniglot_5way_1shot_beats_chance():
