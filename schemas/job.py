@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
@@ -205,9 +205,10 @@ DatasetId = Annotated[str, Field(min_length=1, max_length=200)]
 
 class ImageClassesTasks(Strict):
     """N-way K-shot classification. ``source: "omniglot"`` reads the Omniglot zips from the server's
-    configured folder (METASHRINK_OMNIGLOT_DIR); ``source: "dataset"`` uses uploaded dataset id(s)."""
+    configured folder (METASHRINK_OMNIGLOT_DIR); ``source: "dataset"`` uses uploaded dataset id(s).
+    ``{"dataset_id": ..., "ways": ...}`` without family/source means an uploaded image dataset."""
 
-    family: Literal["image_classes"]
+    family: Literal["image_classes"] = "image_classes"
     source: Literal["omniglot", "dataset"] = "omniglot"
     dataset_id: Optional[Union[DatasetId, Annotated[list[DatasetId], Field(min_length=1, max_length=16)]]] = None
     ways: int = Field(5, ge=2, le=1000)
@@ -221,6 +222,13 @@ class ImageClassesTasks(Strict):
     instance_split: Optional[int] = Field(
         None, ge=1, le=10000, description="support from the first n instances per class, query from the rest (E.1: 15)")
     augment: Optional[Augment] = Field(None, description="on-the-fly augmentation (App. E.1)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dataset_source(cls, v):
+        if isinstance(v, dict) and v.get("dataset_id") and "source" not in v:
+            v = {**v, "source": "dataset"}
+        return v
 
     @model_validator(mode="after")
     def _source(self):
@@ -242,7 +250,7 @@ class RegressionSplit(Strict):
 class RegressionDatasetTasks(Strict):
     """Regression tasks from uploaded point sets (a task column/array), split by task with a fixed seed."""
 
-    family: Literal["regression_dataset"]
+    family: Literal["regression_dataset"] = "regression_dataset"
     source: Literal["dataset"] = "dataset"
     dataset_id: Union[DatasetId, Annotated[list[DatasetId], Field(min_length=1, max_length=16)]]
     shots: int = Field(10, ge=1, le=100000)
@@ -252,9 +260,25 @@ class RegressionDatasetTasks(Strict):
 
 IMAGE_FAMILIES = ("image_classes",)
 
+def _task_family(v):
+    """The discriminator; a config naming only ``dataset_id`` (the issue's upload contract) is an
+    ``image_classes`` job when it has ``ways``, else a ``regression_dataset`` job."""
+    if isinstance(v, dict):
+        fam = v.get("family")
+        if fam is None and "dataset_id" in v:
+            return "image_classes" if "ways" in v else "regression_dataset"
+        return fam
+    return getattr(v, "family", None)
+
+
 Tasks = Annotated[
-    Union[SinusoidTasks, PolynomialTasks, HierarchicalNormalTasks, ImageClassesTasks, RegressionDatasetTasks],
-    Field(discriminator="family"),
+    Union[Annotated[SinusoidTasks, Tag("sinusoid")], Annotated[PolynomialTasks, Tag("polynomial")],
+          Annotated[HierarchicalNormalTasks, Tag("hierarchical_normal")],
+          Annotated[ImageClassesTasks, Tag("image_classes")],
+          Annotated[RegressionDatasetTasks, Tag("regression_dataset")]],
+    Discriminator(_task_family, custom_error_type="invalid_family",
+                  custom_error_message="tasks.family must be one of sinusoid, polynomial, hierarchical_normal, "
+                                       "image_classes, regression_dataset"),
 ]
 
 

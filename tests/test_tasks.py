@@ -146,3 +146,18 @@ def test_schema_compat():
     cfg = JobConfig.model_validate({**base, "model": {"arch": "mlp"},
                                     "tasks": {"family": "regression_dataset", "dataset_id": ["a", "b"]}})
     assert cfg.tasks.dataset_id == ["a", "b"]
+
+
+def test_schema_dataset_id_contract_without_family():
+    """The issue's upload contract: ``{"dataset_id": ID, "ways": ...}`` is an image job, without ways a regression one."""
+    base = {"algorithm": {"name": "maml"}}
+    img = JobConfig.model_validate({**base, "model": {"arch": "conv4"}, "tasks": {
+        "dataset_id": "ID", "ways": 5, "shots": 1, "query": 15, "image_size": 28, "rotations": True,
+        "split": {"by": "class", "test_fraction": 0.2, "seed": 0}}})
+    assert img.tasks.family == "image_classes" and img.tasks.source == "dataset"
+    reg = JobConfig.model_validate({**base, "model": {"arch": "mlp"}, "tasks": {"dataset_id": "ID", "shots": 10, "query": 10}})
+    assert reg.tasks.family == "regression_dataset"
+    again = JobConfig.model_validate(reg.model_dump(mode="json"))  # stored verbatim, read back by the worker
+    assert again == reg
+    with pytest.raises(ValueError, match="tasks.family must be one of"):
+        JobConfig.model_validate({**base, "model": {"arch": "mlp"}, "tasks": {"family": "nope"}})
