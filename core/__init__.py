@@ -16,15 +16,17 @@ Ten lines, no server::
 from .adapt import AdaptResult, MetaModel, select_modules
 from .algorithms import ALGORITHMS, SIGMA_ALGORITHMS, Learner, build_algorithm
 from .cg import conjugate_gradient
+from .evaluation import evaluate, mean_ci
 from .models import build_model, init_params
 from .modules import Partition, PartitionError, build_partition, inverse_gamma_penalty, prior_penalty, sigma2
 from .optim import adam, build_optimizer, proximal_adam, proximal_gd, sgd
-from .tasks import Family, TaskBatch, build_family
+from .tasks import Family, TaskBatch, build_family, register_source
 from .trainer import MetaTrainer, resolve_device
 
 __all__ = [
     "AdaptResult", "MetaModel", "select_modules", "ALGORITHMS", "SIGMA_ALGORITHMS", "Learner", "build_algorithm",
     "conjugate_gradient", "build_model", "init_params", "Partition", "PartitionError", "build_partition",
     "inverse_gamma_penalty", "prior_penalty", "sigma2", "adam", "build_optimizer", "proximal_adam", "proximal_gd",
-    "sgd", "Family", "TaskBatch", "build_family", "MetaTrainer", "resolve_device",
+    "sgd", "Family", "TaskBatch", "build_family", "register_source", "MetaTrainer", "resolve_device", "evaluate",
+    "mean_ci",
 ]
