@@ -112,6 +112,7 @@ class Backprop(Algorithm):
 
 
 class _ImplicitMixin:
+    hvp = "forward"  # Hessian-vector products by jvp of grad; "reverse" (vjp of grad) under torch.compile
     def implicit(self, meta, theta, xs, ys, xq, yq, damping):
         """u = H^-1 g_val with H = Hess(l_data) + Sigma^-1 + damping I (Eq. 48), preconditioned by
         P = diag(max(sigma_m^-2 / 1e3, 1)) (App. D.2). Returns u, lam and CG diagnostics."""
@@ -123,7 +124,10 @@ class _ImplicitMixin:
         g_train = grad(lambda th: L.data_loss(th, xs, ys))
 
         def matvec(v):
-            _, hv = jvp(g_train, (theta,), (v,))
+            if self.hvp == "forward":  # forward-over-reverse
+                _, hv = jvp(g_train, (theta,), (v,))
+            else:  # reverse-over-reverse: the gradient of g . v (MetaFGNet Eq. 5)
+                hv = grad(lambda th: sum((g * v[k]).sum() for k, g in g_train(th).items()))(theta)
             return {k: hv[k] + (lam[k] + damping) * v[k] for k in v}
 
         u, residual, iters = conjugate_gradient(matvec, g_val, precond_inv, self.cfg["cg_steps"])

@@ -68,6 +68,9 @@ class MetaTrainer:
                     outs = [update(meta, xs[i], ys[i], xq[i], yq[i]) for i in range(xs.shape[0])]
                     return torch.utils._pytree.tree_map(lambda *t: torch.stack(t), *outs)
             if self.config["execution"]["compile"]:
+                # dynamo cannot trace jvp-of-grad under vmap (a device mismatch on meta tensors in torch 2.13);
+                # reverse-over-reverse Hessian-vector products compile
+                self.algorithm.hvp = "reverse"
                 fn = torch.compile(fn, dynamic=False)
             self._fns[mode] = fn
         return self._fns[mode]
