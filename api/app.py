@@ -22,13 +22,15 @@ from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from schemas import JobConfig
-from schemas.api import (AdaptOut, AdaptRequest, CheckpointList, JobCreated, JobOut, JobPage, MetricsOut, ModelOut,
-                         ModelPage, ModulesOut)
+from schemas.api import (AdaptOut, AdaptRequest, CheckpointList, EvaluationOut, EvaluationRequest, JobCreated, JobOut,
+                         JobPage, MetricsOut, ModelOut, ModelPage, ModulesOut)
 from store import jobs as Q
 from store.artifacts import make_store
 from store.db import Database
 from store.keys import hash_key
-from store.models import ApiKey, Checkpoint, Job, JobMetric, MetaModelRow, ModuleMap, new_id, utcnow
+from store.datasets import dataset_ids, put_collection
+from store.models import (ApiKey, Checkpoint, Dataset, Evaluation, Job, JobMetric, MetaModelRow, ModuleMap, new_id,
+                          utcnow)
 from store.settings import Settings
 
 from . import errors
@@ -74,6 +76,27 @@ def model_view(m: MetaModelRow) -> dict:
             "selected_share": share, "sha256": m.sha256, "bytes": m.bytes, "created_at": m.created_at}
 
 
+def dataset_view(d: Dataset) -> dict:
+    return {**d.summary, "id": d.id, "kind": d.kind, "name": d.name, "sha256": d.sha256, "bytes": d.bytes,
+            "created_at": d.created_at.isoformat()}
+
+
+async def read_capped(request: Request, cap: int, status: int = 413) -> bytes:
+    """The request body, refusing (``status``) one above ``cap`` bytes without reading all of it."""
+    cl = request.headers.get("content-length")
+    if cl and cl.isdigit() and int(cl) > cap:
+        raise ApiError(status, f"request body of {cl} bytes is above the cap of {cap} bytes",
+                       [{"loc": ["body"], "msg": f"above the cap of {cap} bytes"}])
+    chunks, n = [], 0
+    async for chunk in request.stream():
+        n += len(chunk)
+        if n > cap:
+            raise ApiError(status, f"request body is above the cap of {cap} bytes",
+                           [{"loc": ["body"], "msg": f"above the cap of {cap} bytes"}])
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class Reconciler(threading.Thread):
     def __init__(self, app: FastAPI):
         super().__init__(daemon=True, name="metashrink-reconciler")
@@ -95,7 +118,24 @@ def reconcile_once(app: FastAPI) -> list[str]:
     for job_id in ids:
         log.info("reconciler: (re-)enqueueing job %s", job_id)
         enqueue(app, job_id)
-    return ids
+    with app.state.db.session() as s:
+        evs = Q.reconcile_evaluations(s, st.requeue_queued_after)
+    for eval_id in evs:
+        log.info("reconciler: (re-)enqueueing evaluation %s", eval_id)
+        enqueue_evaluation(app, eval_id)
+    return ids + evs
+
+
+def enqueue_evaluation(app: FastAPI, eval_id: str):
+    from worker.celery_app import RUN_EVALUATION, TRAIN_QUEUE
+    app.state.celery.send_task(RUN_EVALUATION, args=[eval_id], queue=TRAIN_QUEUE)
+
+
+def evaluation_view(e: Evaluation) -> dict:
+    return {"id": e.id, "model_id": e.model_id, "status": e.status, "metric": e.metric, "results": e.results,
+            "progress": {"done": e.done_tasks, "total": e.total_tasks},
+            "error": {"message": e.error} if e.error else None, "request": e.request, "attempts": e.attempts,
+            "created_at": e.created_at, "updated_at": e.updated_at, "finished_at": e.finished_at}
 
 
 def enqueue(app: FastAPI, job_id: str):
@@ -209,8 +249,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise ApiError(422, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in errs), errs)
         return await run_in_threadpool(_create_job, t, cfg, idempotency_key)
 
+    def check_datasets(s, t: str, tasks: dict):
+        want = "image_classes" if tasks.get("family") == "image_classes" else "regression"
+        for did in dataset_ids(tasks):
+            d = s.get(Dataset, did)
+            if d is None or d.tenant != t:
+                raise unprocessable(["tasks", "dataset_id"], f"dataset {did} not found")
+            if d.kind != want:
+                raise unprocessable(["tasks", "dataset_id"],
+                                    f"dataset {did} is a {d.kind} dataset; {tasks.get('family')} tasks need {want}")
+
     def _create_job(t: str, cfg: dict, idem: Optional[str]):
         with app.state.db.session() as s:
+            check_datasets(s, t, cfg["tasks"])
             if idem:
                 j = s.scalar(select(Job).where(Job.tenant == t, Job.idempotency_key == idem))
                 if j is not None:
@@ -303,6 +354,76 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return FileResponse(path, media_type="application/octet-stream", filename=f"{ckpt_id}.safetensors",
                             headers={"X-Checksum-Sha256": c.sha256})
 
+    # ------------------------------------------------------------------ datasets
+    @app.post("/v1/datasets", status_code=201, tags=["datasets"],
+              openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                  "type": "object", "required": ["file", "kind"], "properties": {
+                      "file": {"type": "string", "format": "binary",
+                               "description": "a zip of class folders, or a CSV/NPZ of regression points"},
+                      "kind": {"type": "string", "enum": ["image_classes", "regression"]},
+                      "name": {"type": "string"},
+                      "min_per_class": {"type": "integer", "description": "images each class needs (image_classes)"},
+                      "min_points": {"type": "integer", "description": "points each task needs (regression)"}}}}}}})
+    async def upload_dataset(request: Request, t: Tenant):
+        """Upload a meta-dataset (multipart: ``file``, ``kind``); validated, then stored as safetensors."""
+        raw = await read_capped(request, settings.dataset_max_bytes)
+        request._body = raw  # starlette's form parser reads the cached body
+        try:
+            form = await request.form(max_files=1, max_fields=16)
+        except Exception as e:
+            raise ApiError(422, f"not a multipart form: {e}", [{"loc": ["body"], "msg": str(e)}])
+        f, kind = form.get("file"), form.get("kind")
+        if f is None or isinstance(f, str):
+            raise unprocessable(["body", "file"], "a file is required in the multipart field 'file'")
+        if kind not in ("image_classes", "regression"):
+            raise unprocessable(["body", "kind"], f"kind must be 'image_classes' or 'regression', got {kind!r}")
+        opts = {}
+        for field, lo in (("min_per_class", 1), ("min_points", 1)):
+            v = form.get(field)
+            if v is None:
+                continue
+            if not str(v).isdigit() or int(v) < lo:
+                raise unprocessable(["body", field], f"must be an integer >= {lo}")
+            opts[field] = int(v)
+        if ("min_per_class" in opts and kind != "image_classes") or ("min_points" in opts and kind != "regression"):
+            raise unprocessable(["body"], "min_per_class is for image_classes, min_points for regression")
+        data = await f.read()
+        fname = f.filename or "upload"
+        name = form.get("name") or fname
+        return await run_in_threadpool(_store_dataset, t, kind, str(name)[:256], fname, data, opts)
+
+    def _store_dataset(t, kind, name, fname, data, opts):
+        from datasets.upload import UploadError, validate_upload
+        try:
+            coll = validate_upload(data, fname, kind, **opts)
+        except UploadError as e:
+            raise ApiError(422, str(e), [{"loc": ["body", "file"], "msg": str(e), "file": e.file,
+                                          "member": e.member, "problem": e.problem}])
+        did = new_id("ds")
+        art = put_collection(app.state.store, f"datasets/{t}/{did}.safetensors", coll)
+        with app.state.db.session() as s:
+            d = Dataset(id=did, tenant=t, kind=kind, name=name, summary=coll.summary(), uri=art.uri,
+                        sha256=art.sha256, bytes=art.bytes, created_at=utcnow())
+            s.add(d)
+            s.flush()
+            return JSONResponse(dataset_view(d), status_code=201)
+
+    def own_dataset(s, t: str, dataset_id: str) -> Dataset:
+        d = s.get(Dataset, dataset_id)
+        if d is None or d.tenant != t:
+            raise ApiError(404, f"dataset {dataset_id} not found")
+        return d
+
+    @app.get("/v1/datasets", tags=["datasets"])
+    def list_datasets(s: Session, t: Tenant, limit: Limit = 20, cursor: Optional[str] = None):
+        rows = s.scalars(paginate(select(Dataset).where(Dataset.tenant == t), Dataset, limit, cursor)).all()
+        nxt = encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) if len(rows) > limit else None
+        return {"items": [dataset_view(d) for d in rows[:limit]], "next_cursor": nxt}
+
+    @app.get("/v1/datasets/{dataset_id}", tags=["datasets"])
+    def get_dataset(dataset_id: str, s: Session, t: Tenant):
+        return dataset_view(own_dataset(s, t, dataset_id))
+
     # ------------------------------------------------------------------ models
     @app.get("/v1/models", response_model=ModelPage, tags=["models"])
     def list_models(s: Session, t: Tenant, limit: Limit = 20, cursor: Optional[str] = None):
@@ -345,6 +466,60 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         m = await run_in_threadpool(_model_for, t, model_id)
         payload = validate_adapt(req, m, settings)
         return await run_in_threadpool(_run_adapt, model_id, payload)
+
+    @app.post("/v1/models/{model_id}/evaluations", status_code=202, tags=["evaluations"],
+              openapi_extra={"requestBody": {"content": {"application/json": {
+                  "schema": EvaluationRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}})
+    async def create_evaluation(model_id: str, request: Request, t: Tenant):
+        raw = await read_capped(request, 64 * 1024, status=422)
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError as e:
+            raise ApiError(422, f"body is not valid JSON: {e}", [{"loc": ["body"], "msg": str(e)}])
+        if not isinstance(body, dict):
+            raise unprocessable(["body"], "must be a JSON object")
+        try:
+            req = EvaluationRequest.model_validate(body)
+        except ValidationError as e:
+            errs = pydantic_errors(e)
+            raise ApiError(422, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in errs), errs)
+        if max(req.steps) > settings.adapt_max_steps:
+            raise unprocessable(["steps"], f"{max(req.steps)} is above the cap of {settings.adapt_max_steps} steps")
+        return await run_in_threadpool(_create_evaluation, t, model_id, req)
+
+    def _create_evaluation(t, model_id, req: EvaluationRequest):
+        with app.state.db.session() as s:
+            m = own_model(s, t, model_id)
+            if isinstance(req.modules, list):
+                names = [r["name"] for r in m.module_map]
+                unknown = [x for x in req.modules if x not in names]
+                if unknown or not req.modules:
+                    raise unprocessable(["modules"], f"unknown modules {unknown}; this model's modules are {names}"
+                                        if unknown else "an empty list adapts nothing")
+            now = utcnow()
+            e = Evaluation(id=new_id("eval"), tenant=t, model_id=model_id, status="queued",
+                           request=req.model_dump(mode="json"), done_tasks=0, total_tasks=req.n_tasks, attempts=0,
+                           created_at=now, updated_at=now, enqueued_at=now)
+            s.add(e)
+        try:
+            enqueue_evaluation(app, e.id)
+        except Exception:
+            log.exception("enqueue of evaluation %s failed", e.id)
+        return JSONResponse({"id": e.id, "status": "queued"}, status_code=202)
+
+    @app.get("/v1/evaluations/{eval_id}", response_model=EvaluationOut, tags=["evaluations"])
+    def get_evaluation(eval_id: str, s: Session, t: Tenant):
+        e = s.get(Evaluation, eval_id)
+        if e is None or e.tenant != t:
+            raise ApiError(404, f"evaluation {eval_id} not found")
+        return evaluation_view(e)
+
+    @app.get("/v1/models/{model_id}/evaluations", tags=["evaluations"])
+    def list_evaluations(model_id: str, s: Session, t: Tenant):
+        own_model(s, t, model_id)
+        rows = s.scalars(select(Evaluation).where(Evaluation.model_id == model_id, Evaluation.tenant == t)
+                         .order_by(Evaluation.created_at.desc(), Evaluation.id.desc()).limit(100)).all()
+        return {"items": [evaluation_view(e) for e in rows]}
 
     def _model_for(t, model_id):
         with app.state.db.session() as s:

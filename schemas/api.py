@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -109,9 +109,49 @@ class AdaptRequest(BaseModel):
     query: QuerySet
     steps: int = Field(100, ge=0)
     modules: Union[Literal["selected", "all"], list[str]] = "selected"
+    save_adapter: bool = Field(False, description="store the adapted task-specific tensors; returns adapter_id")
 
 
 class AdaptOut(BaseModel):
     predictions: list[list[Optional[float]]]
     adapted_modules: list[str]
     loss_curve: list[Optional[float]]
+    adapter_id: Optional[str] = None
+
+
+class EvaluationRequest(BaseModel):
+    """A meta-test evaluation: ``n_tasks`` held-out tasks of the model's own family, adapted along ``steps``."""
+    model_config = ConfigDict(extra="forbid")
+    n_tasks: int = Field(600, ge=1, le=100_000)
+    steps: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0, 1, 5, 10, 50],
+                                                     min_length=1, max_length=64)
+    modules: Union[Literal["selected", "all", "each"], list[str]] = "selected"
+    split: Literal["train", "val", "test"] = "test"
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+
+
+class EvaluationResult(_Out):
+    step: int
+    modules: str
+    mean: Optional[float]
+    ci95: Optional[float]
+
+
+class EvaluationOut(_Out):
+    id: str
+    model_id: str
+    status: Literal["queued", "running", "succeeded", "failed"]
+    metric: Optional[str] = None
+    results: Optional[list[EvaluationResult]] = None
+    progress: dict
+    error: Optional[ErrorDetail] = None
+    request: dict[str, Any]
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    x: list[Any]
+
+
+class PredictOut(BaseModel):
+    predictions: list[list[Optional[float]]]

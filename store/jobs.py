@@ -5,7 +5,7 @@ from datetime import timedelta
 
 from sqlalchemy import and_, delete, or_, select, update
 
-from .models import Checkpoint, Job, JobMetric, ModuleMap, utcnow
+from .models import Checkpoint, Evaluation, Job, JobMetric, ModuleMap, utcnow
 
 ACTIVE = ("queued", "running")
 TERMINAL = ("succeeded", "failed", "canceled")
@@ -101,3 +101,62 @@ def reconcile(session, requeue_after: float) -> list[str]:
                 error="attempts exhausted before the job could finish")
         .execution_options(synchronize_session=False))
     return list(lost) + [j for j in stale if j not in lost]
+
+
+# --------------------------------------------------------------------------- evaluations
+EVAL_MAX_ATTEMPTS = 3
+
+
+def claim_evaluation(session, eval_id: str, owner: str, lease_seconds: float) -> bool:
+    """The evaluation's lease, as for jobs: False = a duplicate delivery, finished, or leased elsewhere."""
+    now = utcnow()
+    res = session.execute(
+        update(Evaluation)
+        .where(Evaluation.id == eval_id, Evaluation.status.in_(ACTIVE), Evaluation.attempts < EVAL_MAX_ATTEMPTS,
+               or_(Evaluation.lease_expires_at.is_(None), Evaluation.lease_expires_at < now))
+        .values(status="running", lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_seconds),
+                attempts=Evaluation.attempts + 1, updated_at=now)
+        .execution_options(synchronize_session=False))
+    return res.rowcount == 1
+
+
+def evaluation_progress(session, eval_id: str, owner: str, lease_seconds: float, done: int) -> bool:
+    now = utcnow()
+    res = session.execute(
+        update(Evaluation).where(Evaluation.id == eval_id, Evaluation.lease_owner == owner,
+                                 Evaluation.status == "running")
+        .values(done_tasks=done, lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
+        .execution_options(synchronize_session=False))
+    return res.rowcount == 1
+
+
+def finish_evaluation(session, eval_id: str, owner: str, status: str, **values) -> bool:
+    now = utcnow()
+    res = session.execute(
+        update(Evaluation).where(Evaluation.id == eval_id, Evaluation.lease_owner == owner,
+                                 Evaluation.status == "running")
+        .values(status=status, lease_owner=None, lease_expires_at=None, updated_at=now, finished_at=now, **values)
+        .execution_options(synchronize_session=False))
+    return res.rowcount == 1
+
+
+def reconcile_evaluations(session, requeue_after: float) -> list[str]:
+    """Evaluations whose worker was lost (lease expired) or whose message is older than ``requeue_after``
+    while still queued: the ids to re-send; those out of attempts fail."""
+    now = utcnow()
+    expired = and_(Evaluation.status == "running", Evaluation.lease_expires_at < now)
+    session.execute(
+        update(Evaluation).where(expired, Evaluation.attempts >= EVAL_MAX_ATTEMPTS)
+        .values(status="failed", lease_owner=None, lease_expires_at=None, updated_at=now, finished_at=now,
+                error="the worker running this evaluation was lost on every attempt")
+        .execution_options(synchronize_session=False))
+    lost = session.scalars(select(Evaluation.id).where(expired)).all()
+    stale = session.scalars(select(Evaluation.id).where(
+        Evaluation.status == "queued", or_(Evaluation.enqueued_at.is_(None),
+                                           Evaluation.enqueued_at < now - timedelta(seconds=requeue_after)))).all()
+    ids = list(lost) + [i for i in stale if i not in lost]
+    if ids:
+        session.execute(update(Evaluation).where(Evaluation.id.in_(ids))
+                        .values(status="queued", lease_owner=None, lease_expires_at=None, enqueued_at=now,
+                                updated_at=now).execution_options(synchronize_session=False))
+    return ids

@@ -139,3 +139,26 @@ class Dataset(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Evaluation(Base):
+    """A meta-test evaluation of a published model (runs on the train queue; results stored here)."""
+    __tablename__ = "evaluations"
+    __table_args__ = (Index("ix_evaluations_status_lease", "status", "lease_expires_at"),)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(128), index=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    metric: Mapped[Optional[str]] = mapped_column(String(32), nullable=True)
+    results: Mapped[Optional[list[Any]]] = mapped_column(JSON, nullable=True)
+    done_tasks: Mapped[int] = mapped_column(Integer, default=0)
+    total_tasks: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[Optional[str]] = mapped_column(String(64), nullable=True)
+    lease_expires_at: Mapped[Optional[datetime]] = mapped_column(DateTime, nullable=True)
+    enqueued_at: Mapped[Optional[datetime]] = mapped_column(DateTime, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[Optional[datetime]] = mapped_column(DateTime, nullable=True)

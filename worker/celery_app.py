@@ -22,6 +22,8 @@ TRAIN_QUEUE = "train"
 ADAPT_QUEUE = "adapt"
 RUN_JOB = "worker.tasks.run_job"
 ADAPT = "worker.tasks.adapt"
+RUN_EVALUATION = "worker.tasks.run_evaluation"
+ADAPTER_PREDICT = "worker.tasks.adapter_predict"
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
@@ -38,7 +40,8 @@ def make_celery(settings: Settings | None = None) -> Celery:
         result_backend=None,
         task_queues=[Queue(TRAIN_QUEUE), Queue(ADAPT_QUEUE)],
         task_default_queue=TRAIN_QUEUE,
-        task_routes={RUN_JOB: {"queue": TRAIN_QUEUE}, ADAPT: {"queue": ADAPT_QUEUE}},
+        task_routes={RUN_JOB: {"queue": TRAIN_QUEUE}, ADAPT: {"queue": ADAPT_QUEUE},
+                     RUN_EVALUATION: {"queue": TRAIN_QUEUE}, ADAPTER_PREDICT: {"queue": ADAPT_QUEUE}},
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": 3600},
         worker_hijack_root_logger=False,

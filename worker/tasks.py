@@ -19,9 +19,10 @@ from sqlalchemy import insert, select
 from store import jobs as Q
 from store.artifacts import make_store
 from store.db import Database
-from store.models import Checkpoint, Job, JobMetric, MetaModelRow, ModuleMap, new_id
+from store.datasets import dataset_ids, get_collection
+from store.models import Checkpoint, Dataset, Evaluation, Job, JobMetric, MetaModelRow, ModuleMap, new_id
 
-from .celery_app import ADAPT, RUN_JOB, app
+from .celery_app import ADAPT, RUN_EVALUATION, RUN_JOB, app
 from .redis_util import redis_client, reply_key
 
 log = logging.getLogger("metashrink.worker")
@@ -40,6 +41,7 @@ class _Runtime:
         self.store = make_store(self.settings)
         self.redis = redis_client(self.settings.broker())
         self.models: OrderedDict = OrderedDict()
+        self.datasets: OrderedDict = OrderedDict()  # dataset id -> validated collection (small LRU)
 
 
 _rt: _Runtime | None = None
@@ -59,6 +61,32 @@ def _child_init(**_):
     if threads:
         import torch
         torch.set_num_threads(threads)
+
+
+def use_datasets(rt: _Runtime, tenant: str, tasks_cfg: dict) -> None:
+    """Make the uploaded datasets a config names loadable in this process: ``import datasets`` registers the
+    ``omniglot`` and ``dataset`` sources with core.tasks, and each id resolves, through the database, to the
+    collection the job's tenant uploaded (another tenant's id is "not found")."""
+    import datasets
+
+    for did in dataset_ids(tasks_cfg):
+        with rt.db.session() as ses:
+            row = ses.scalar(select(Dataset).where(Dataset.id == did, Dataset.tenant == tenant))
+            if row is None:
+                raise ValueError(f"dataset {did} not found (datasets belong to the tenant that uploaded them)")
+            uri, sha = row.uri, row.sha256
+
+        def load(did=did, uri=uri, sha=sha):
+            if did in rt.datasets:
+                rt.datasets.move_to_end(did)
+                return rt.datasets[did]
+            coll = get_collection(rt.store, uri, sha256=sha)
+            rt.datasets[did] = coll
+            while len(rt.datasets) > 4:
+                rt.datasets.popitem(last=False)
+            return coll
+
+        datasets.register_dataset(did, load)
 
 
 def _finite(v):
@@ -93,9 +121,11 @@ def _train(rt: _Runtime, job_id: str, owner: str):
 
     s = rt.settings
     with rt.db.session() as ses:
-        cfg = ses.get(Job, job_id).config
+        job = ses.get(Job, job_id)
+        cfg, tenant = job.config, job.tenant
         ck = Q.latest_checkpoint(ses, job_id)
         ck = (ck.uri, ck.sha256, ck.step) if ck else None
+    use_datasets(rt, tenant, cfg["tasks"])
     trainer = MetaTrainer(cfg)
     if ck is not None:
         tensors, meta = rt.store.get_tensors(ck[0], sha256=ck[1])
@@ -175,6 +205,52 @@ def _train(rt: _Runtime, job_id: str, owner: str):
     return "succeeded"
 
 
+# --------------------------------------------------------------------------- evaluation
+@app.task(name=RUN_EVALUATION, acks_late=True, reject_on_worker_lost=True)
+def run_evaluation(eval_id: str):
+    """Meta-test evaluation of a published model (core.evaluation.evaluate); the results go in its row."""
+    rt = runtime()
+    s = rt.settings
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    with rt.db.session() as ses:
+        if not Q.claim_evaluation(ses, eval_id, owner, s.lease_seconds):
+            log.info("evaluation %s: not claimed (duplicate delivery, finished, or leased elsewhere)", eval_id)
+            return "skipped"
+        ev = ses.get(Evaluation, eval_id)
+        model_id, req = ev.model_id, dict(ev.request)
+    try:
+        from core.evaluation import evaluate
+
+        mm = _load_model(rt, model_id)
+        last = [time.monotonic()]
+
+        def progress(done, total):
+            if time.monotonic() - last[0] < min(2.0, s.lease_seconds / 3) and done < total:
+                return
+            last[0] = time.monotonic()
+            with rt.db.session() as ses:
+                if not Q.evaluation_progress(ses, eval_id, owner, s.lease_seconds, done):
+                    raise LeaseLost()
+
+        r = evaluate(mm, n_tasks=req["n_tasks"], steps=req["steps"], modules=req["modules"], split=req["split"],
+                     seed=req.get("seed", 0), progress=progress)
+        results = [{"step": x["step"], "modules": x["modules"], "adapted": x.get("adapted"),
+                    "mean": _finite(x["mean"]), "ci95": _finite(x["ci95"]), "std": _finite(x.get("std", float("nan"))),
+                    "n": x.get("n")} for x in r["results"]]
+        with rt.db.session() as ses:
+            Q.finish_evaluation(ses, eval_id, owner, "succeeded", metric=r["metric"], results=results,
+                                done_tasks=req["n_tasks"])
+        return "succeeded"
+    except LeaseLost:
+        log.warning("evaluation %s: lease lost; stopping", eval_id)
+        return "lease-lost"
+    except Exception as e:
+        log.exception("evaluation %s failed", eval_id)
+        with rt.db.session() as ses:
+            Q.finish_evaluation(ses, eval_id, owner, "failed", error=f"{type(e).__name__}: {e}")
+        return "failed"
+
+
 # --------------------------------------------------------------------------- adaptation
 def _load_model(rt: _Runtime, model_id: str):
     if model_id in rt.models:
@@ -186,7 +262,8 @@ def _load_model(rt: _Runtime, model_id: str):
         row = ses.scalar(select(MetaModelRow).where(MetaModelRow.id == model_id))
         if row is None:
             raise KeyError(model_id)
-        cfg, uri, sha = row.config, row.uri, row.sha256
+        cfg, uri, sha, tenant = row.config, row.uri, row.sha256, row.tenant
+    use_datasets(rt, tenant, cfg["tasks"])
     tensors, meta = rt.store.get_tensors(uri, sha256=sha)
     tensors = ordered_tensors(tensors, meta)
     mm = MetaModel.from_tensors(cfg, tensors, device="cpu")

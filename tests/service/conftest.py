@@ -133,6 +133,7 @@ def service(request, tmp_path_factory):
         "METASHRINK_REQUEUE_QUEUED_AFTER": "60", "METASHRINK_MAX_ATTEMPTS": "3",
         "METASHRINK_ADAPT_MAX_STEPS": "2000", "METASHRINK_ADAPT_MAX_ROWS": "500",
         "METASHRINK_ADAPT_MAX_BYTES": "200000", "METASHRINK_ADAPT_TIMEOUT": "120",
+        "METASHRINK_DATASET_MAX_BYTES": "4000000",
     })
     from store.migrate import upgrade
     from store.settings import Settings
@@ -163,3 +164,13 @@ def service(request, tmp_path_factory):
                 fn()
             except Exception as e:  # pragma: no cover
                 print(f"cleanup: {e}")
+
+
+@pytest.fixture(scope="session")
+def reference(service):
+    """One uninterrupted small job: the lifecycle subject, the reference for the resume test, and the model
+    the evaluation and adapter tests use."""
+    jid = service.submit(small_config())
+    j = service.wait(jid)
+    assert j["status"] == "succeeded", j
+    return jid, j

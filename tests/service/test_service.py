@@ -21,15 +21,6 @@ def _sinusoid(amp, phase, x):
     return (amp * np.sin(x - phase)).tolist()
 
 
-@pytest.fixture(scope="session")
-def reference(service):
-    """One uninterrupted small job: the lifecycle subject and the reference for the resume test."""
-    jid = service.submit(small_config())
-    j = service.wait(jid)
-    assert j["status"] == "succeeded", j
-    return jid, j
-
-
 def _model_tensors(service, model_id):
     r = service.client.get(f"/v1/models/{model_id}/file", headers=service.h())
     assert r.status_code == 200
