@@ -249,3 +249,13 @@ def test_vmap_of_grad_is_exact_with_batch_norm():
     d["log_sigma2"] = torch.zeros_like(d["log_sigma2"])
     num = fd(J, meta, d)
     assert abs(float(num - tree_dot(mean_phi, d["phi"]))) < 1e-8 * max(1, abs(float(num)))
+
+
+def test_reverse_and_forward_hessian_vector_products_agree():
+    alg, _, meta, batch = make("mlp", alg_cfg("sigma_imaml", cg_steps=10), inner="proximal_gd", lr=0.05, steps=3)
+    task = batch.task(0)
+    fwd, _ = alg.task_update(meta, *task)
+    alg.hvp = "reverse"
+    rev, _ = alg.task_update(meta, *task)
+    assert torch.allclose(flat(fwd["phi"]), flat(rev["phi"]), atol=1e-12)
+    assert torch.allclose(fwd["log_sigma2"], rev["log_sigma2"], atol=1e-12)

@@ -175,3 +175,13 @@ def test_pure_functional_forward_equals_functional_call(arch):
     params = {k: v + 0.1 * torch.randn(v.shape, dtype=v.dtype) for k, v in params.items()}
     x = family.sample(1, torch.Generator().manual_seed(1)).xs[0].double()
     assert torch.allclose(apply(model, params, x), functional_call(model, params, (x,)), atol=1e-12)
+
+
+@pytest.mark.slow
+def test_compiled_meta_step_matches_eager():
+    eager = MetaTrainer(sinusoid_cfg("maml", steps=3))
+    compiled = MetaTrainer(sinusoid_cfg("maml", steps=3, execution={"vectorize": "vmap", "compile": True}))
+    eager.run()
+    compiled.run()
+    for k in eager.meta["phi"]:
+        assert torch.allclose(eager.meta["phi"][k], compiled.meta["phi"][k], atol=1e-5)
