@@ -298,7 +298,7 @@ def markdown(info, sin, conv, thr, mem, tg, quick, wall) -> str:
     L = [SECTION, "",
          f"`PYTHONPATH=. python benchmarks/core_bench.py{' --quick' if quick else ''}` "
          f"(whole `MetaTrainer.step()`, median of steady steps after one warm-up; load1 = 1-minute load "
-         f"average when the row finished; the machine was shared with other CPU-heavy jobs, so "best ms", the '
+         f"average when the row finished; the machine was shared with other CPU-heavy jobs, so 'best ms', the "
          f"fastest steady step, is the closer estimate of an unshared machine; targets use the median).", "",
          f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, Python {info['python']}, "
          f"intra-op threads {info['threads']} (set by `--threads`), load average at start "
