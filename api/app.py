@@ -23,13 +23,13 @@ from sqlalchemy.exc import IntegrityError
 
 from schemas import JobConfig
 from schemas.api import (AdaptOut, AdaptRequest, CheckpointList, EvaluationOut, EvaluationRequest, JobCreated, JobOut,
-                         JobPage, MetricsOut, ModelOut, ModelPage, ModulesOut)
+                         JobPage, MetricsOut, ModelOut, ModelPage, ModulesOut, PredictOut, PredictRequest)
 from store import jobs as Q
 from store.artifacts import make_store
 from store.db import Database
 from store.keys import hash_key
 from store.datasets import dataset_ids, put_collection
-from store.models import (ApiKey, Checkpoint, Dataset, Evaluation, Job, JobMetric, MetaModelRow, ModuleMap, new_id,
+from store.models import (Adapter, ApiKey, Checkpoint, Dataset, Evaluation, Job, JobMetric, MetaModelRow, ModuleMap, new_id,
                           utcnow)
 from store.settings import Settings
 
@@ -465,6 +465,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise ApiError(422, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in errs), errs)
         m = await run_in_threadpool(_model_for, t, model_id)
         payload = validate_adapt(req, m, settings)
+        payload.update(save_adapter=req.save_adapter, tenant=t)
         return await run_in_threadpool(_run_adapt, model_id, payload)
 
     @app.post("/v1/models/{model_id}/evaluations", status_code=202, tags=["evaluations"],
@@ -527,12 +528,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             s.expunge(m)
             return m
 
-    def _run_adapt(model_id: str, payload: dict):
+    def _run_adapt(model_id: str, payload: dict, task: str | None = None):
         from worker.celery_app import ADAPT, ADAPT_QUEUE
         from worker.redis_util import reply_key
 
         rid = uuid.uuid4().hex
-        app.state.celery.send_task(ADAPT, args=[rid, model_id, payload], queue=ADAPT_QUEUE)
+        app.state.celery.send_task(task or ADAPT, args=[rid, model_id, payload], queue=ADAPT_QUEUE)
         got = app.state.redis.blpop([reply_key(rid)], timeout=settings.adapt_timeout)
         if got is None:
             raise ApiError(504, f"no adapt worker answered within {settings.adapt_timeout:g} s")
@@ -542,6 +543,45 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 raise unprocessable(["body"], out["message"])
             raise ApiError(500, f"adaptation failed: {out['message']}")
         return out
+
+    # ------------------------------------------------------------------ adapters
+    def own_adapter(s, t: str, adapter_id: str) -> Adapter:
+        a = s.get(Adapter, adapter_id)
+        if a is None or a.tenant != t:
+            raise ApiError(404, f"adapter {adapter_id} not found")
+        return a
+
+    @app.get("/v1/adapters/{adapter_id}", tags=["adapters"])
+    def get_adapter(adapter_id: str, s: Session, t: Tenant):
+        a = own_adapter(s, t, adapter_id)
+        return {"id": a.id, "model_id": a.model_id, "modules": a.modules, "steps": a.steps, "bytes": a.bytes,
+                "sha256": a.sha256, "created_at": a.created_at}
+
+    @app.post("/v1/adapters/{adapter_id}/predict", response_model=PredictOut, tags=["adapters"])
+    async def adapter_predict(adapter_id: str, request: Request, t: Tenant):
+        from worker.celery_app import ADAPTER_PREDICT
+        raw = await read_capped(request, settings.adapt_max_bytes, status=422)
+        try:
+            body = json.loads(raw or b"null")
+        except ValueError as e:
+            raise ApiError(422, f"body is not valid JSON: {e}", [{"loc": ["body"], "msg": str(e)}])
+        try:
+            req = PredictRequest.model_validate(body)
+        except ValidationError as e:
+            errs = pydantic_errors(e)
+            raise ApiError(422, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in errs), errs)
+
+        def lookup():
+            with app.state.db.session() as s:
+                a = own_adapter(s, t, adapter_id)
+                m = s.get(MetaModelRow, a.model_id)
+                s.expunge(m)
+                return m
+        m = await run_in_threadpool(lookup)
+        if len(req.x) > settings.adapt_max_rows:
+            raise unprocessable(["x"], f"{len(req.x)} rows is above the cap of {settings.adapt_max_rows} rows")
+        x = check_inputs(as_array(req.x, "x"), "x", tuple(m.input_shape))
+        return await run_in_threadpool(_run_adapt, adapter_id, {"x": x.tolist()}, ADAPTER_PREDICT)
 
     return app
 

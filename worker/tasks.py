@@ -20,9 +20,10 @@ from store import jobs as Q
 from store.artifacts import make_store
 from store.db import Database
 from store.datasets import dataset_ids, get_collection
-from store.models import Checkpoint, Dataset, Evaluation, Job, JobMetric, MetaModelRow, ModuleMap, new_id
+from store.models import (Adapter, Checkpoint, Dataset, Evaluation, Job, JobMetric, MetaModelRow, ModuleMap,
+                          new_id)
 
-from .celery_app import ADAPT, RUN_EVALUATION, RUN_JOB, app
+from .celery_app import ADAPT, ADAPTER_PREDICT, RUN_EVALUATION, RUN_JOB, app
 from .redis_util import redis_client, reply_key
 
 log = logging.getLogger("metashrink.worker")
@@ -292,10 +293,52 @@ def adapt(request_id: str, model_id: str, payload: dict):
         pred = mm.predict(payload["query"]["x"], res.params)
         out = {"ok": True, "predictions": [[_finite(v) for v in row] for row in pred.double().cpu().tolist()], "adapted_modules": res.adapted_modules,
                "loss_curve": [_finite(v) for v in res.loss_curve]}
+        if payload.get("save_adapter"):
+            out["adapter_id"] = _save_adapter(rt, model_id, mm, res, payload)
     except ValueError as e:
         out = {"ok": False, "status": 422, "message": str(e)}
     except Exception as e:
         log.exception("adapt %s failed", request_id)
+        out = {"ok": False, "status": 500, "message": f"{type(e).__name__}: {e}"}
+    key = reply_key(request_id)
+    pipe = rt.redis.pipeline()
+    pipe.rpush(key, json.dumps(out))
+    pipe.expire(key, 300)
+    pipe.execute()
+    return None
+
+
+def _save_adapter(rt: _Runtime, model_id: str, mm, res, payload: dict) -> str:
+    """Store only the adapted task-specific tensors (``AdaptResult.adapter``) as a small safetensors file."""
+    tensors = res.adapter(mm.partition)
+    aid = new_id("adp")
+    art = rt.store.put_tensors(f"adapters/{aid}.safetensors", tensors,
+                               {"model_id": model_id, "modules": res.adapted_modules, "order": list(tensors)})
+    with rt.db.session() as ses:
+        ses.add(Adapter(id=aid, tenant=payload["tenant"], model_id=model_id, modules=list(res.adapted_modules),
+                        steps=int(payload["steps"]), uri=art.uri, sha256=art.sha256, bytes=art.bytes))
+    return aid
+
+
+@app.task(name=ADAPTER_PREDICT, acks_late=True, reject_on_worker_lost=True)
+def adapter_predict(request_id: str, adapter_id: str, payload: dict):
+    """Predict with a stored adapter: the model's phi with the adapter's tensors in place of the adapted ones."""
+    rt = runtime()
+    try:
+        with rt.db.session() as ses:
+            row = ses.get(Adapter, adapter_id)
+            if row is None:
+                raise KeyError(adapter_id)
+            model_id, uri, sha = row.model_id, row.uri, row.sha256
+        mm = _load_model(rt, model_id)
+        tensors, _ = rt.store.get_tensors(uri, sha256=sha)
+        params = {**mm.phi, **{k: v.to(mm.device, mm.phi[k].dtype) for k, v in tensors.items()}}
+        pred = mm.predict(payload["x"], params)
+        out = {"ok": True, "predictions": [[_finite(v) for v in row] for row in pred.double().cpu().tolist()]}
+    except ValueError as e:
+        out = {"ok": False, "status": 422, "message": str(e)}
+    except Exception as e:
+        log.exception("adapter predict %s failed", request_id)
         out = {"ok": False, "status": 500, "message": f"{type(e).__name__}: {e}"}
     key = reply_key(request_id)
     pipe = rt.redis.pipeline()

@@ -307,3 +307,35 @@ def test_reconciler_fails_job_with_attempts_spent(service):
                       lease_expires_at=utcnow() - timedelta(seconds=5))
     j = service.wait(jid, timeout=60)
     assert j["status"] == "failed" and "attempts" in j["error"]["message"], j
+
+
+# --------------------------------------------------------------------------- adapters
+def test_adapter_saved_and_predicts_like_adapt(service, reference):
+    c, h = service.client, service.h()
+    mid = reference[1]["model_id"]
+    xs = np.linspace(-4, 4, 10)
+    xq = [[v] for v in np.linspace(-5, 5, 20)]
+    body = {"support": {"x": [[v] for v in xs], "y": [[v] for v in _sinusoid(2.0, 0.5, xs)]},
+            "query": {"x": xq}, "steps": 20, "save_adapter": True}
+    a = c.post(f"/v1/models/{mid}/adapt", json=body, headers=h)
+    assert a.status_code == 200, a.text
+    a = a.json()
+    aid = a["adapter_id"]
+    assert aid and c.post(f"/v1/models/{mid}/adapt", json={**body, "save_adapter": False},
+                          headers=h).json().get("adapter_id") is None
+    info = c.get(f"/v1/adapters/{aid}", headers=h).json()
+    assert info["model_id"] == mid and sorted(info["modules"]) == sorted(a["adapted_modules"])
+    assert info["bytes"] > 0 and len(info["sha256"]) == 64
+    m = c.get(f"/v1/models/{mid}", headers=h).json()
+    sel_params = sum(x["n_params"] for x in m["module_map"] if x["selected"])
+    assert info["bytes"] < m["bytes"] or sel_params == sum(x["n_params"] for x in m["module_map"])
+    p = c.post(f"/v1/adapters/{aid}/predict", json={"x": xq}, headers=h)
+    assert p.status_code == 200, p.text
+    np.testing.assert_allclose(np.array(p.json()["predictions"]), np.array(a["predictions"]), rtol=1e-6, atol=1e-6)
+    # tenant-scoped; bad inputs are 422
+    bob = service.h("bob")
+    assert c.get(f"/v1/adapters/{aid}", headers=bob).status_code == 404
+    assert c.post(f"/v1/adapters/{aid}/predict", json={"x": xq}, headers=bob).status_code == 404
+    r = c.post(f"/v1/adapters/{aid}/predict", json={"x": [[1.0, 2.0]]}, headers=h)
+    assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["x"]
+    assert c.post(f"/v1/adapters/{aid}/predict", json={"y": 1}, headers=h).status_code == 422
