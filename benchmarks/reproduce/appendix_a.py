@@ -66,6 +66,38 @@ def run(tasks=1000, shots=2, query=50, phi=2.0, sigma2=1.0, seed=0, steps=600) -
     return out
 
 
+def sweep(task_counts=(30, 100, 300, 1000, 3000), seeds=3, steps=600) -> str:
+    """Learned sigma^2 (and phi) against the truth as the number of tasks T grows; markdown + PNG."""
+    import os
+
+    from benchmarks.reproduce.common import RESULTS, machine, plot_curves, write
+    from core import mean_ci
+    rows, curves = [], {}
+    for alg in ("sigma_imaml", "sigma_reptile"):
+        means, cis = [], []
+        for t in task_counts:
+            vals = [run(tasks=t, seed=s, steps=steps)[alg] for s in range(seeds)]
+            s2 = mean_ci([v["sigma2"] for v in vals])
+            ph = mean_ci([v["phi"] for v in vals])
+            gap = max(abs(v["sigma2"] - v["sigma2_closed_form"]) for v in vals)
+            rows.append(f"| {alg} | {t} | {ph['mean']:.3f} ± {ph['ci95']:.3f} | {s2['mean']:.3f} ± {s2['ci95']:.3f} "
+                        f"| {gap:.1e} |")
+            means.append(s2["mean"])
+            cis.append(s2["ci95"])
+        curves[alg] = (list(task_counts), means, cis)
+    curves["true sigma^2"] = (list(task_counts), [1.0] * len(task_counts), [0.0] * len(task_counts))
+    plot_curves(os.path.join(RESULTS, "appendix_a.png"), curves, "number of tasks T", "learned sigma^2",
+                "App. A: sigma^2 estimate vs T (true 1.0)", logx=True)
+    lines = ["# App. A: univariate hierarchical normal, learned phi and sigma^2 vs number of tasks", "",
+             f"Machine: {machine()}. True phi = 2, sigma^2 = 1; N = 2 training and K = 50 validation points per "
+             f"task; {seeds} seeds per T (± = 95% CI over seeds); full-batch Adam, {steps} meta-steps. "
+             "'closed-form gap' is the largest |learned - closed-form| sigma^2 over seeds (Eqs. 17-20 for "
+             "sigma-iMAML, Prop. 2 + Eq. 25 for sigma-Reptile, on the same tasks).", "",
+             "| algorithm | T | phi | sigma^2 | closed-form gap |", "|---|---|---|---|---|", *rows, "",
+             "![sigma^2 vs T](appendix_a.png)"]
+    return write("appendix_a.md", lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", type=int, default=1000)
@@ -76,8 +108,11 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--sweep", action="store_true", help="T in 30..3000, 3 seeds: docs/results/appendix_a.md + plot")
     a = p.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if a.sweep:
+        print(sweep(steps=a.steps))
+        return
     res = run(a.tasks, a.shots, a.query, a.phi, a.sigma2, a.seed, a.steps)
     if a.json:
         print(json.dumps(res))
