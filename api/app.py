@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from pydantic import ValidationError
 from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
@@ -97,6 +97,29 @@ async def read_capped(request: Request, cap: int, status: int = 413) -> bytes:
     return b"".join(chunks)
 
 
+class Histogram:
+    """A cumulative Prometheus histogram (thread-safe), rendered as text."""
+    BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
+
+    def __init__(self):
+        self.counts, self.sum, self.n, self.lock = [0] * len(self.BUCKETS), 0.0, 0, threading.Lock()
+
+    def observe(self, v: float):
+        with self.lock:
+            self.n += 1
+            self.sum += v
+            for i, b in enumerate(self.BUCKETS):
+                if v <= b:
+                    self.counts[i] += 1
+
+    def lines(self, name: str, help_: str) -> list:
+        with self.lock:
+            out = [f"# HELP {name} {help_}", f"# TYPE {name} histogram"]
+            out += [f'{name}_bucket{{le="{b}"}} {c}' for b, c in zip(self.BUCKETS, self.counts)]
+            out += [f'{name}_bucket{{le="+Inf"}} {self.n}', f"{name}_sum {self.sum}", f"{name}_count {self.n}"]
+        return out
+
+
 class Reconciler(threading.Thread):
     def __init__(self, app: FastAPI):
         super().__init__(daemon=True, name="metashrink-reconciler")
@@ -169,6 +192,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery = make_celery(settings)
     app.state.redis = redis_client(settings.broker())
     app.state.key_cache = {}
+    app.state.adapt_latency = Histogram()
     errors.install(app)
 
     # ------------------------------------------------------------------ dependencies
@@ -230,6 +254,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             checks["broker"] = f"error: {type(e).__name__}"
         ok = all(v == "ok" for v in checks.values())
         return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
+
+    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
+    def prometheus_metrics(s: Session):
+        """Prometheus text format: jobs and evaluations by status (from the database), and this API process's
+        adapt latency histogram (seconds, request sent to result received)."""
+        lines = ["# HELP metashrink_jobs Jobs by status.", "# TYPE metashrink_jobs gauge"]
+        counts = dict(s.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+        for st in ("queued", "running", "succeeded", "failed", "canceled"):
+            lines.append(f'metashrink_jobs{{status="{st}"}} {counts.get(st, 0)}')
+        lines += ["# HELP metashrink_evaluations Evaluations by status.", "# TYPE metashrink_evaluations gauge"]
+        counts = dict(s.execute(select(Evaluation.status, func.count()).group_by(Evaluation.status)).all())
+        for st in ("queued", "running", "succeeded", "failed"):
+            lines.append(f'metashrink_evaluations{{status="{st}"}} {counts.get(st, 0)}')
+        lines += app.state.adapt_latency.lines("metashrink_adapt_latency_seconds",
+                                               "Adapt request latency through the adapt queue.")
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     # ------------------------------------------------------------------ jobs
     @app.post("/v1/jobs", status_code=202, response_model=JobCreated, tags=["jobs"])
@@ -533,8 +573,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         from worker.redis_util import reply_key
 
         rid = uuid.uuid4().hex
+        t0 = time.perf_counter()
         app.state.celery.send_task(task or ADAPT, args=[rid, model_id, payload], queue=ADAPT_QUEUE)
         got = app.state.redis.blpop([reply_key(rid)], timeout=settings.adapt_timeout)
+        if task is None:
+            app.state.adapt_latency.observe(time.perf_counter() - t0)
         if got is None:
             raise ApiError(504, f"no adapt worker answered within {settings.adapt_timeout:g} s")
         out = json.loads(got[1])

@@ -339,3 +339,16 @@ def test_adapter_saved_and_predicts_like_adapt(service, reference):
     r = c.post(f"/v1/adapters/{aid}/predict", json={"x": [[1.0, 2.0]]}, headers=h)
     assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["x"]
     assert c.post(f"/v1/adapters/{aid}/predict", json={"y": 1}, headers=h).status_code == 422
+
+
+def test_prometheus_metrics(service, reference):
+    mid = reference[1]["model_id"]
+    service.client.post(f"/v1/models/{mid}/adapt", headers=service.h(), json={
+        "support": {"x": [[0.0]], "y": [[0.0]]}, "query": {"x": [[0.5]]}, "steps": 1})
+    r = service.client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    assert 'metashrink_jobs{status="succeeded"}' in text and 'metashrink_evaluations{status="queued"}' in text
+    count = [ln for ln in text.splitlines() if ln.startswith("metashrink_adapt_latency_seconds_count ")]
+    assert count and int(count[0].split()[1]) >= 1
+    assert 'metashrink_adapt_latency_seconds_bucket{le="+Inf"}' in text
