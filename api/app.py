@@ -63,7 +63,7 @@ def paginate(stmt, model, limit: int, cursor: Optional[str]):
 def job_view(j: Job, with_config: bool = False) -> dict:
     return {"id": j.id, "status": j.status, "progress": {"step": j.step, "total": j.total_steps},
             "metrics": j.metrics or {}, "error": {"message": j.error} if j.error else None,
-            "model_id": j.model_id, "attempts": j.attempts, "cancel_requested": j.cancel_requested,
+            "model_id": j.model_id, "best_checkpoint_id": j.best_checkpoint_id, "attempts": j.attempts, "cancel_requested": j.cancel_requested,
             "created_at": j.created_at, "updated_at": j.updated_at, "config": j.config if with_config else None}
 
 
@@ -300,6 +300,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                     f"dataset {did} is a {d.kind} dataset; {tasks.get('family')} tasks need {want}")
 
     def _create_job(t: str, cfg: dict, idem: Optional[str]):
+        check_validation_split(cfg)
         with app.state.db.session() as s:
             check_datasets(s, t, cfg["tasks"])
             if idem:
@@ -379,9 +380,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/v1/jobs/{job_id}/checkpoints", response_model=CheckpointList, tags=["jobs"])
     def job_checkpoints(job_id: str, s: Session, t: Tenant):
-        own_job(s, t, job_id)
+        """Checkpoints in step order; ``val_score`` is the validation metric at that step (run.validate_every)
+        and ``best`` marks the checkpoint with the best one (the meta-model a validated job publishes)."""
+        j = own_job(s, t, job_id)
         rows = s.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)).all()
-        return {"items": [{"id": c.id, "step": c.step, "sha256": c.sha256, "bytes": c.bytes} for c in rows]}
+        return {"items": [{"id": c.id, "step": c.step, "sha256": c.sha256, "bytes": c.bytes, "val_score": c.val_score,
+                           "best": c.id == j.best_checkpoint_id} for c in rows],
+                "best_checkpoint_id": j.best_checkpoint_id}
 
     @app.get("/v1/checkpoints/{ckpt_id}/file", tags=["jobs"], response_class=FileResponse)
     def checkpoint_file(ckpt_id: str, s: Session, t: Tenant):
@@ -627,6 +632,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return await run_in_threadpool(_run_adapt, adapter_id, {"x": x.tolist()}, ADAPTER_PREDICT)
 
     return app
+
+
+def check_validation_split(cfg: dict) -> None:
+    """422 when a job asks for validation (run.validate_every) but its task family has no ``val`` split:
+    image_classes and uploaded regression datasets hold one out only with ``tasks.split.val_fraction > 0``
+    (sinusoid, polynomial and hierarchical_normal draw fresh tasks for any split)."""
+    if not cfg["run"].get("validate_every"):
+        return
+    tasks = cfg["tasks"]
+    if tasks.get("family") in ("image_classes", "regression_dataset"):
+        if not (tasks.get("split") or {}).get("val_fraction"):
+            raise unprocessable(["tasks", "split", "val_fraction"],
+                                f"run.validate_every needs a validation split: set tasks.split.val_fraction > 0 "
+                                f"for {tasks.get('family')} tasks (it is 0)")
 
 
 def validate_adapt(req: AdaptRequest, m: MetaModelRow, settings: Settings) -> dict:

@@ -32,6 +32,7 @@ class JobOut(_Out):
     metrics: dict[str, Optional[float]] = Field(default_factory=dict)
     error: Optional[ErrorDetail] = None
     model_id: Optional[str] = None
+    best_checkpoint_id: Optional[str] = Field(None, description="the checkpoint with the best validation score")
     attempts: int = 0
     cancel_requested: bool = False
     created_at: datetime
@@ -66,10 +67,13 @@ class CheckpointOut(BaseModel):
     step: int
     sha256: str
     bytes: int
+    val_score: Optional[float] = Field(None, description="validation metric at this step (run.validate_every)")
+    best: bool = Field(False, description="the checkpoint with the best validation score")
 
 
 class CheckpointList(BaseModel):
     items: list[CheckpointOut]
+    best_checkpoint_id: Optional[str] = None
 
 
 class ModelOut(_Out):

@@ -31,14 +31,23 @@ class _Shrinkage(Strict):
     )
 
 
+SecondOrder = Literal["unroll", "hvp"]
+_SECOND_ORDER = Field(
+    "unroll", description="unroll: autograd through the whole inner loop; hvp: keep only the parameter "
+                          "trajectory and accumulate the meta-gradient backwards with Hessian-vector products "
+                          "(same value, memory of one inner step's graph; inner optimizer sgd or proximal_gd)")
+
+
 class SigmaMAML(_Shrinkage):
     name: Literal["sigma_maml"]
     first_order: bool = False
+    second_order: SecondOrder = _SECOND_ORDER
 
 
 class MAML(Strict):
     name: Literal["maml"]
     first_order: bool = False
+    second_order: SecondOrder = _SECOND_ORDER
 
 
 class FOMAML(Strict):
@@ -70,8 +79,35 @@ class Reptile(Strict):
     name: Literal["reptile"]
 
 
+# The comparison algorithms (core/baselines.py): plain gradient inner steps (inner.optimizer 'sgd'), their
+# extra meta-learned tensors use outer.lr_extra; model.arch mlp or conv4.
+class MetaSGD(Strict):
+    name: Literal["meta_sgd"]
+    granularity: Literal["parameter", "module"] = Field(
+        "parameter", description="one learned learning rate per parameter entry, or one per module of the partition")
+    init_lr: Optional[PositiveFloat] = Field(None, description="initial learning rates; None = inner.lr")
+
+
+class TNet(Strict):
+    name: Literal["tnet"]
+
+
+class MTNet(Strict):
+    name: Literal["mtnet"]
+    temperature: PositiveFloat = Field(1.0, description="Gumbel-softmax temperature of the row masks (Eq. 11)")
+    init_zeta: FiniteFloat = Field(0.0, description="initial mask logits zeta (0: each row updated with p = 1/2)")
+
+
+class HyperRepresentation(Strict):
+    name: Literal["hyper_representation"]
+    init_eta: Optional[PositiveFloat] = Field(None, description="initial ground-model step size eta; None = inner.lr")
+
+
+BASELINE_ALGORITHMS = ("meta_sgd", "tnet", "mtnet", "hyper_representation")
+
 Algorithm = Annotated[
-    Union[SigmaMAML, MAML, FOMAML, SigmaIMAML, IMAML, SigmaReptile, Reptile], Field(discriminator="name")
+    Union[SigmaMAML, MAML, FOMAML, SigmaIMAML, IMAML, SigmaReptile, Reptile, MetaSGD, TNet, MTNet,
+          HyperRepresentation], Field(discriminator="name")
 ]
 
 
@@ -299,6 +335,9 @@ class Outer(Strict):
     steps: int = Field(1000, ge=1, le=10_000_000)
     lr_phi: PositiveFloat = 1e-3
     lr_log_sigma2: PositiveFloat = Field(1e-3, description="used by the sigma algorithms only")
+    lr_extra: Optional[PositiveFloat] = Field(
+        None, description="outer learning rate of an algorithm's own meta-learned tensors (Meta-SGD's learning "
+                          "rates, T-net's T, MT-net's zeta, hyper-representation's eta); None = lr_phi")
     schedule: Literal["constant", "linear"] = Field("constant", description="linear: decay to 0 at the last step")
 
 
@@ -312,9 +351,37 @@ class Execution(Strict):
 
 
 class Run(Strict):
+    """When the worker writes progress. With ``validate_every`` the job also holds out the family's ``val`` split
+    (early stopping, as the papers do): every ``validate_every`` meta-steps and at the last one the current
+    meta-model is adapted on ``validation_tasks`` validation tasks (the same tasks each time, from a generator
+    of its own seeded from the job seed, so the training RNG stream is untouched and resume stays bit for bit)
+    for ``validation_steps`` inner steps; the query metric is recorded as the series ``val_mse`` /
+    ``val_accuracy`` / ``val_loss``, a checkpoint is written at each validation, the best one (lowest loss,
+    highest accuracy) is marked, training stops after ``patience`` validations without improvement, and the
+    job publishes the best checkpoint's meta-model instead of the last. Image and uploaded-regression
+    families need ``tasks.split.val_fraction > 0``; sinusoid, polynomial and hierarchical_normal draw fresh
+    validation tasks."""
+
     checkpoint_every: int = Field(100, ge=1)
     module_map_every: int = Field(50, ge=1)
     log_every: int = Field(10, ge=1)
+    validate_every: Optional[int] = Field(
+        None, ge=1, description="meta-steps between validations on the val split; None = no validation")
+    validation_tasks: int = Field(100, ge=1, le=10000, description="validation tasks per validation")
+    validation_steps: Optional[int] = Field(
+        None, ge=0, le=10000, description="adaptation steps on each validation task; None = inner.steps")
+    validation_modules: Literal["all", "selected"] = Field(
+        "all", description="modules adapted during validation: all (as in meta-training) or the selected ones")
+    patience: Optional[int] = Field(
+        None, ge=1, description="stop after this many validations without improvement; None = never stop early")
+    min_delta: float = Field(0.0, ge=0, allow_inf_nan=False,
+                             description="an improvement must beat the best score by more than this")
+
+    @model_validator(mode="after")
+    def _validation(self):
+        if self.validate_every is None and self.patience is not None:
+            raise ValueError("patience needs validate_every")
+        return self
 
 
 class JobConfig(Strict):
@@ -334,6 +401,17 @@ class JobConfig(Strict):
             name = self.algorithm.name
             self.inner.optimizer = "proximal_gd" if (name in SIGMA_ALGORITHMS or name == "imaml") else "sgd"
         fam, arch = self.tasks.family, self.model.arch
+        name = self.algorithm.name
+        if name in BASELINE_ALGORITHMS:
+            if self.inner.optimizer != "sgd":
+                raise ValueError(f"algorithm '{name}' uses plain gradient inner steps: inner.optimizer must be 'sgd'")
+            if arch == "identity":
+                raise ValueError(f"algorithm '{name}' needs model.arch 'mlp' or 'conv4'")
+        if getattr(self.algorithm, "second_order", "unroll") == "hvp":
+            if self.algorithm.first_order:
+                raise ValueError("second_order 'hvp' cannot be combined with first_order")
+            if self.inner.optimizer not in ("sgd", "proximal_gd"):
+                raise ValueError("second_order 'hvp' needs inner.optimizer 'sgd' or 'proximal_gd'")
         if fam == "hierarchical_normal" and arch != "identity":
             raise ValueError("tasks.family 'hierarchical_normal' needs model.arch 'identity'")
         if arch == "identity" and fam != "hierarchical_normal":

@@ -56,6 +56,8 @@ class Job(Base):
     error: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
     idempotency_key: Mapped[Optional[str]] = mapped_column(String(128), nullable=True)
     model_id: Mapped[Optional[str]] = mapped_column(String(32), nullable=True)
+    # early stopping (run.validate_every): the checkpoint with the best validation score so far
+    best_checkpoint_id: Mapped[Optional[str]] = mapped_column(String(32), nullable=True)
     enqueued_at: Mapped[Optional[datetime]] = mapped_column(DateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
@@ -96,6 +98,7 @@ class Checkpoint(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     bytes: Mapped[int] = mapped_column(BigInteger)
     meta: Mapped[dict[str, Any]] = mapped_column(JSON)
+    val_score: Mapped[Optional[float]] = mapped_column(Float, nullable=True)  # validation metric at this step
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 

@@ -14,7 +14,7 @@ import uuid
 from collections import OrderedDict
 
 from celery.signals import worker_process_init
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 
 from store import jobs as Q
 from store.artifacts import make_store
@@ -25,6 +25,7 @@ from store.models import (Adapter, Checkpoint, Dataset, Evaluation, Job, JobMetr
 
 from .celery_app import ADAPT, ADAPTER_PREDICT, RUN_EVALUATION, RUN_JOB, app
 from .redis_util import redis_client, reply_key
+from .validation import Validation
 
 log = logging.getLogger("metashrink.worker")
 
@@ -132,20 +133,28 @@ def _train(rt: _Runtime, job_id: str, owner: str):
         tensors, meta = rt.store.get_tensors(ck[0], sha256=ck[1])
         trainer.load_state_dict(tensors, meta)
         log.info("job %s: resumed from checkpoint at step %d", job_id, ck[2])
+    run = cfg["run"]
+    val = Validation(trainer, cfg) if run.get("validate_every") else None
     with rt.db.session() as ses:  # renew the lease (building the trainer may take a while) and tidy up
         ok, cancel = Q.heartbeat(ses, job_id, owner, s.lease_seconds, trainer.step_count, None)
         if not ok:
             raise LeaseLost()
         Q.forget_after(ses, job_id, ck[2] if ck else -1)
+        if val is not None:  # the validations before the checkpoint we resume from (none on a fresh start)
+            val.restore(ses.execute(select(Checkpoint.step, Checkpoint.val_score, Checkpoint.id)
+                                    .where(Checkpoint.job_id == job_id)).all(), trainer.family.kind)
+            ses.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner)
+                        .values(best_checkpoint_id=val.best_checkpoint_id)
+                        .execution_options(synchronize_session=False))
     if cancel:
         with rt.db.session() as ses:
             Q.finish(ses, job_id, owner, "canceled")
         return "canceled"
 
-    run = cfg["run"]
     total = trainer.total_steps
     pending: list = []
     latest: dict | None = None
+    latest_val: dict = {}
     last_beat = time.monotonic()
 
     def beat(ses):
@@ -160,19 +169,27 @@ def _train(rt: _Runtime, job_id: str, owner: str):
         last_beat = time.monotonic()
         return cancel
 
-    while trainer.step_count < total:
+    stop = val is not None and val.exhausted()  # resumed after the patience ran out: publish now
+    while trainer.step_count < total and not stop:
         m = trainer.step()
         step = trainer.step_count
         pending.append((step, m))
-        latest = {k: _finite(v) for k, v in m.items()}
         last = step == total
-        do_map = last or step % run["module_map_every"] == 0
-        do_ckpt = last or step % run["checkpoint_every"] == 0
+        score = None
+        do_val = val is not None and val.due(step, last)
+        if do_val:  # its own generator: the training RNG stream is untouched
+            score = _finite(val.score())
+            pending.append((step, {val.series: score}))
+            latest_val = {val.series: score}
+            stop = val.patience is not None and not val.improves(score) and val.bad + 1 >= val.patience
+        latest = {**{k: _finite(v) for k, v in m.items()}, **latest_val}
+        do_map = last or stop or step % run["module_map_every"] == 0
+        do_ckpt = last or do_val or step % run["checkpoint_every"] == 0
         do_beat = (do_map or do_ckpt or step % run["log_every"] == 0
                    or time.monotonic() - last_beat > s.lease_seconds / 3)
         if not do_beat:
             continue
-        art = None
+        art, ckpt_id = None, new_id("ckpt")
         if do_ckpt:  # written before the transaction that records it; an orphan file is harmless
             tensors, meta = trainer.state_dict()
             art = rt.store.put_tensors(f"jobs/{job_id}/ckpt-{step:09d}-{uuid.uuid4().hex[:6]}.safetensors",
@@ -185,20 +202,34 @@ def _train(rt: _Runtime, job_id: str, owner: str):
                      "n_params": r["n_params"], "sigma2": r["sigma2"], "selected": r["selected"]}
                     for i, r in enumerate(trainer.module_map())])
             if art is not None:
-                ses.add(Checkpoint(id=new_id("ckpt"), job_id=job_id, step=step, uri=art.uri, sha256=art.sha256,
-                                   bytes=art.bytes, meta=meta))
+                ses.add(Checkpoint(id=ckpt_id, job_id=job_id, step=step, uri=art.uri, sha256=art.sha256,
+                                   bytes=art.bytes, meta=meta, val_score=score))
+            if do_val and val.improves(score):
+                ses.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner)
+                            .values(best_checkpoint_id=ckpt_id).execution_options(synchronize_session=False))
+        if do_val:
+            val.record(step, score, ckpt_id)
         if cancel:
             with rt.db.session() as ses:
                 Q.finish(ses, job_id, owner, "canceled")
             return "canceled"
 
+    final_step = trainer.step_count
+    source = {"step": final_step}
+    if val is not None and val.best_checkpoint_id is not None:  # publish the best meta-model, not the last
+        with rt.db.session() as ses:
+            best = ses.get(Checkpoint, val.best_checkpoint_id)
+            uri, sha, source = best.uri, best.sha256, {"step": best.step, "checkpoint_id": best.id,
+                                                       "val_score": best.val_score}
+        tensors, meta = rt.store.get_tensors(uri, sha256=sha)
+        trainer.load_state_dict(tensors, meta)
     mm = trainer.meta_model()
     model_id = new_id("mdl")
     # safetensors files come back with sorted keys, and core's partition follows dict order: keep the order
     art = rt.store.put_tensors(f"models/{model_id}.safetensors", mm.tensors(),
-                               {"job_id": job_id, "order": list(mm.tensors())})
+                               {"job_id": job_id, "order": list(mm.tensors()), "source": source})
     with rt.db.session() as ses:
-        if not Q.finish(ses, job_id, owner, "succeeded", model_id=model_id, step=trainer.step_count):
+        if not Q.finish(ses, job_id, owner, "succeeded", model_id=model_id, step=final_step):
             raise LeaseLost()
         ses.add(MetaModelRow(id=model_id, tenant=ses.get(Job, job_id).tenant, job_id=job_id, config=cfg,
                              kind=mm.kind, input_shape=list(mm.input_shape), output_dim=mm.output_dim,
