@@ -631,6 +631,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         x = check_inputs(as_array(req.x, "x"), "x", tuple(m.input_shape))
         return await run_in_threadpool(_run_adapt, adapter_id, {"x": x.tolist()}, ADAPTER_PREDICT)
 
+    # ------------------------------------------------------------------ live views: SSE events, dashboard
+    from .live import install as install_live
+    install_live(app, tenant)
+
     return app
 
 
