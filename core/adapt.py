@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 
 
-from .algorithms import SIGMA_ALGORITHMS
+from .algorithms import SIGMA_ALGORITHMS, Learner
+from .baselines import BASELINES
 from .models import apply, build_model
 from .modules import build_partition, per_param, prior_penalty, sigma2
 from .optim import build_optimizer
@@ -56,7 +57,11 @@ class AdaptResult:
 
 
 class MetaModel:
-    def __init__(self, config: dict, phi: dict, log_sigma2: torch.Tensor, device=None):
+    """``extra``: the algorithm's own meta-learned tensors (Meta-SGD's learning rates, T-net's T, ...). For
+    those algorithms (``custom_adapt``) ``adapt`` and ``predict`` run the algorithm's own inner rule and
+    forward (``core.baselines``) instead of the inner optimizer of the job config."""
+
+    def __init__(self, config: dict, phi: dict, log_sigma2: torch.Tensor, device=None, extra: dict | None = None):
         self.config = config
         self.algorithm = config["algorithm"]["name"]
         self.device = torch.device(device) if device is not None else next(iter(phi.values())).device
@@ -75,6 +80,17 @@ class MetaModel:
         self.partition = build_partition(self.phi, mods["partition"], mods.get("groups"))
         self.learns_sigma = self.algorithm in SIGMA_ALGORITHMS
         self.uses_prior = self.learns_sigma or self.algorithm == "imaml"
+        self.extra = {k: v.to(self.device) for k, v in (extra or {}).items()}
+        self.rule = None  # the algorithm, where it brings its own adaptation rule
+        if self.algorithm in BASELINES:
+            inner = config["inner"]
+            learner = Learner(self.model, self.family, self.partition,
+                              build_optimizer(inner["optimizer"], inner["lr"], inner["betas"], inner["eps"]),
+                              inner["steps"], lr=inner["lr"])
+            self.rule = BASELINES[self.algorithm](learner, config["algorithm"])
+            want = set(self.rule.init_extra(self.phi))
+            if set(self.extra) != want:
+                raise ValueError(f"extra tensors do not match the algorithm: {sorted(set(self.extra) ^ want)}")
 
     # ------------------------------------------------------------------ shape contract
     @property
@@ -126,7 +142,7 @@ class MetaModel:
         return t.to(self.dtype)
 
     def loss(self, params, x, y):
-        return self.family.loss(apply(self.model, params, x), y)
+        return self.family.loss(self.forward(params, x), y)
 
     def adapt(self, xs, ys, steps: int | None = None, modules="selected", lr: float | None = None,
               on_step=None) -> AdaptResult:
@@ -141,6 +157,8 @@ class MetaModel:
         xs, ys = self._tensor(xs), self._tensor(ys, target=True)
         chosen = self.resolve_modules(modules)
         names = self.partition.param_names(chosen)
+        if self.rule is not None:
+            return self._adapt_rule(xs, ys, steps, chosen, names, lr, on_step)
         opt = build_optimizer(inner["optimizer"], lr or inner["lr"], inner["betas"], inner["eps"])
         lam = per_param(self.partition, 1.0 / sigma2(self.log_sigma2), names) if self.uses_prior else None
         frozen = {k: v for k, v in self.phi.items() if k not in names}
@@ -165,18 +183,51 @@ class MetaModel:
             curve.append(self.loss(params, xs, ys))
         return AdaptResult(params, chosen, [float(v) for v in torch.stack(curve).cpu()])
 
+    def _adapt_rule(self, xs, ys, steps, chosen, names, lr, on_step):
+        """The algorithm's own inner rule (``core.baselines.Unrolled``) with its meta-learned tensors, at
+        meta-test (MT-net: hard masks). ``lr`` scales the algorithm's step sizes by lr / inner.lr."""
+        rule, extra = self.rule, self.extra
+        scale = 1.0 if lr is None else float(lr) / float(self.config["inner"]["lr"])
+        names = rule.adapted(names)
+        chosen = [m for m in chosen if any(p in names for p in self.partition.param_names([m]))]
+        frozen = {k: v for k, v in self.phi.items() if k not in names}
+        theta = rule.init_theta(self.phi, extra, names)
+        ctx = rule.context(extra, None)
+        curve = []
+        if on_step is not None:
+            on_step(0, {**frozen, **theta})
+        for step in range(1, steps + 1):
+            leaves = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
+            loss = rule.loss({**frozen, **leaves}, extra, xs, ys)
+            grads = torch.autograd.grad(loss, list(leaves.values())) if leaves else ()
+            curve.append(loss.detach())
+            with torch.no_grad():
+                theta = rule.step(theta, dict(zip(leaves, grads)), extra, ctx, scale)
+            if on_step is not None:
+                on_step(step, {**frozen, **theta})
+        with torch.no_grad():
+            params = {**frozen, **theta}
+            curve.append(rule.loss(params, extra, xs, ys))
+        return AdaptResult(params, chosen, [float(v) for v in torch.stack(curve).cpu()])
+
+    def forward(self, params, x):
+        """The model's output for a full parameter dict (with the algorithm's extra tensors where it has them)."""
+        return self.rule.forward(params, self.extra, x) if self.rule is not None else apply(self.model, params, x)
+
     @torch.no_grad()
     def predict(self, x, params: dict | None = None):
-        out = apply(self.model, params if params is not None else self.phi, self._tensor(x))
+        out = self.forward(params if params is not None else self.phi, self._tensor(x))
         return out.softmax(-1) if self.kind == "classification" else out
 
     # ------------------------------------------------------------------ serialisation
     def tensors(self) -> dict:
         t = {f"phi.{k}": v.detach().cpu().contiguous() for k, v in self.phi.items()}
         t["log_sigma2"] = self.log_sigma2.detach().cpu().contiguous()
+        t.update({f"extra.{k}": v.detach().cpu().contiguous() for k, v in self.extra.items()})
         return t
 
     @classmethod
     def from_tensors(cls, config: dict, tensors: dict, device=None):
         phi = {k[4:]: v for k, v in tensors.items() if k.startswith("phi.")}
-        return cls(config, phi, tensors["log_sigma2"], device=device)
+        extra = {k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}
+        return cls(config, phi, tensors["log_sigma2"], device=device, extra=extra or None)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.func import grad, grad_and_value, jvp
+from torch.func import grad, grad_and_value, jvp, vjp
 
 from .cg import conjugate_gradient
 from .models import apply
@@ -32,9 +32,11 @@ SIGMA_ALGORITHMS = ("sigma_maml", "sigma_imaml", "sigma_reptile")
 class Learner:
     """What adapting one task needs: the model, its loss, the partition and the inner optimizer."""
 
-    def __init__(self, model, family, partition: Partition, inner: Optimizer, inner_steps: int):
+    def __init__(self, model, family, partition: Partition, inner: Optimizer, inner_steps: int,
+                 lr: float | None = None):
         self.model, self.family, self.partition = model, family, partition
         self.inner, self.inner_steps = inner, inner_steps
+        self.lr = lr  # the inner step size as a number (algorithms with their own inner rule read it)
 
     def data_loss(self, params, x, y):
         return self.family.loss(apply(self.model, params, x), y)
@@ -65,12 +67,39 @@ class Learner:
 
 
 class Algorithm:
+    """A per-task meta-update strategy.
+
+    Extension points for algorithms that own meta-learned tensors besides phi and log sigma^2 (Meta-SGD's
+    learning rates, T-net's T, ...; see ``core.baselines``): ``init_extra(phi)`` returns them as a flat
+    ``{name: Tensor}`` dict that the trainer keeps in ``meta["extra"]`` (only when it is non-empty, so the
+    shrinkage family's meta dict is unchanged), descends with the outer optimizer at ``outer.lr_extra``,
+    checkpoints and hands to ``MetaModel``; ``task_update`` then returns ``delta["extra"]`` too.
+    ``noise(n, generator, dtype, device)`` returns per-task random tensors (leading task axis) drawn from the
+    job's generator that the trainer passes to ``task_update`` after the four data tensors (so vmap works and
+    a resumed job replays the same stream). ``custom_adapt`` algorithms also provide the adaptation rule
+    that ``MetaModel.adapt`` runs at meta-test (see ``core.baselines.Unrolled``).
+    """
     name = ""
     learns_sigma = False   # log sigma^2 is meta-learned
     uses_prior = False     # adaptation is regularised toward phi with the prior's sigma^2
+    custom_adapt = False   # MetaModel.adapt uses this algorithm's own inner rule
 
     def __init__(self, learner: Learner, cfg: dict):
         self.learner, self.cfg = learner, cfg
+
+    def prepare_phi(self, phi: dict) -> dict:
+        """Adjust the freshly initialised phi (e.g. a head that starts at 0)."""
+        return phi
+
+    def init_extra(self, phi: dict) -> dict:
+        return {}
+
+    def project_extra(self, extra: dict) -> dict:
+        """Called after every outer update of the extra tensors (e.g. to keep them in a valid range)."""
+        return extra
+
+    def noise(self, n_tasks: int, generator: torch.Generator, dtype, device) -> tuple:
+        return ()
 
     def init_log_sigma2(self, n_modules: int, dtype, device) -> torch.Tensor:
         if self.learns_sigma:
@@ -96,9 +125,60 @@ class Backprop(Algorithm):
         self.name = cfg["name"]
         self.learns_sigma = self.uses_prior = self.name == "sigma_maml"
         self.first_order = self.name == "fomaml" or bool(cfg.get("first_order", False))
+        self.second_order = cfg.get("second_order", "unroll")
+        if self.second_order == "hvp":
+            if self.first_order:
+                raise ValueError("second_order 'hvp' is the exact second-order meta-gradient; first_order must be off")
+            if learner.inner.name not in ("sgd", "proximal_gd"):
+                raise ValueError(f"second_order 'hvp' needs a stateless inner optimizer (sgd, proximal_gd), "
+                                 f"not {learner.inner.name!r}")
+
+    def _inner_step(self, theta, m, xs, ys):
+        """One inner step theta_{k+1} = U(theta_k, Phi) of a stateless inner optimizer, as a function of both."""
+        L, inner = self.learner, self.learner.inner
+        phi = m["phi"]
+        lam = L.lam(m["log_sigma2"]) if self.uses_prior else None
+
+        def objective(th):
+            loss = L.data_loss(th, xs, ys)
+            if lam is not None and not inner.proximal:
+                loss = loss + prior_penalty(th, phi, lam)
+            return loss
+
+        new, _ = inner.update(grad(objective)(theta), {}, theta, phi, lam)
+        return new
+
+    def _hvp_task_update(self, meta, xs, ys, xq, yq):
+        """The same meta-gradient as the autograd unroll, computed backwards along the stored trajectory
+        theta_0 .. theta_K (004: reverse-mode accumulation with Hessian-vector products). With
+        v_K = dl_val/dtheta_K, v_k = (dU/dtheta_k)^T v_{k+1} and dPhi += (dU/dPhi)^T v_{k+1}; each vector-Jacobian
+        product of U = theta - a grad(l_train) is the gradient of (grad l_train) . v, i.e. a Hessian-vector
+        product, computed on a one-step graph that is freed before the next: memory O(|theta| K) for the
+        trajectory instead of the K-step autograd graph with all its activations."""
+        m = {"phi": meta["phi"], "log_sigma2": meta["log_sigma2"]}
+        traj = [{k: v.detach() for k, v in m["phi"].items()}]
+        for _ in range(self.learner.inner_steps - 1):
+            traj.append({k: v.detach() for k, v in self._inner_step(traj[-1], m, xs, ys).items()})
+        theta_K = self._inner_step(traj[-1], m, xs, ys) if self.learner.inner_steps else traj[-1]
+        v, loss = grad_and_value(lambda th: self.learner.data_loss(th, xq, yq))(
+            {k: t.detach() for k, t in theta_K.items()})
+        acc = {"phi": {k: torch.zeros_like(t) for k, t in m["phi"].items()},
+               "log_sigma2": torch.zeros_like(m["log_sigma2"])}
+        for k in reversed(range(self.learner.inner_steps)):
+            _, vjp_fn = vjp(lambda th, mm: self._inner_step(th, mm, xs, ys), traj[k], m)
+            v, dm = vjp_fn(v)
+            acc = {"phi": {n: acc["phi"][n] + dm["phi"][n] for n in acc["phi"]},
+                   "log_sigma2": acc["log_sigma2"] + dm["log_sigma2"]}
+        acc["phi"] = {n: acc["phi"][n] + v[n] for n in acc["phi"]}  # theta_0 = phi
+        return acc, loss
 
     def task_update(self, meta, xs, ys, xq, yq):
         L = self.learner
+        if self.second_order == "hvp":
+            delta, loss = self._hvp_task_update(meta, xs, ys, xq, yq)
+            if not self.learns_sigma:
+                delta["log_sigma2"] = torch.zeros_like(meta["log_sigma2"])
+            return delta, {"query_loss": loss}
 
         def query_loss(m):
             lam = L.lam(m["log_sigma2"]) if self.uses_prior else None
@@ -198,3 +278,6 @@ def build_algorithm(cfg: dict, learner: Learner) -> Algorithm:
     except KeyError:
         raise ValueError(f"unknown algorithm {cfg['name']!r}") from None
     return cls(learner, cfg)
+
+
+from . import baselines  # noqa: E402,F401  (registers meta_sgd, tnet, mtnet, hyper_representation)

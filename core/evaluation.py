@@ -72,7 +72,7 @@ class _Adapter:
         return loss
 
     def _metric(self, theta, xq, yq):
-        pred = apply(self.mm.model, {**self.frozen, **theta}, xq)
+        pred = self.mm.forward({**self.frozen, **theta}, xq)
         if self.kind == "classification":
             return (pred.argmax(-1) == yq).to(pred.dtype).mean()
         return self.mm.family.loss(pred, yq)
@@ -153,7 +153,7 @@ def evaluate(meta_model, family=None, n_tasks: int = 600, steps: Iterable[int] =
         b = min(batch_size, n_tasks - done)
         batch = family.sample(b, generator, split).to(meta_model.device, meta_model.dtype)
         for label, names, ad in adapters:
-            if vectorize == "adapt":
+            if vectorize == "adapt" or meta_model.rule is not None:  # an algorithm's own rule: MetaModel.adapt
                 per_task[label].append(ad.run_metamodel(batch, steps, names, lr).double().cpu())
                 continue
             try:

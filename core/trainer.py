@@ -44,14 +44,21 @@ class MetaTrainer:
         inner = config["inner"]
         self.learner = Learner(self.model, self.family, self.partition,
                                build_optimizer(inner["optimizer"], inner["lr"], inner["betas"], inner["eps"]),
-                               inner["steps"])
+                               inner["steps"], lr=inner["lr"])
         self.algorithm = build_algorithm(config["algorithm"], self.learner)
+        phi = self.algorithm.prepare_phi(phi)
         self.meta = {"phi": phi, "log_sigma2": self.algorithm.init_log_sigma2(len(self.partition.names),
                                                                               self.dtype, self.device)}
+        # an algorithm's own meta-learned tensors (Meta-SGD's alpha, T-net's T, ...); absent when it has none
+        extra = self.algorithm.init_extra(phi)
+        if extra:
+            self.meta["extra"] = extra
         outer = config["outer"]
         self.outer = build_optimizer(outer["optimizer"], outer["lr_phi"])
         self.outer_state = {"phi": self.outer.init(self.meta["phi"]),
                             "log_sigma2": self.outer.init({"log_sigma2": self.meta["log_sigma2"]})}
+        if extra:
+            self.outer_state["extra"] = self.outer.init(extra)
         self.step_count = 0
         self.total_steps = int(outer["steps"])
         self.vectorize = ex["vectorize"]  # "auto" is resolved by measurement on the first step
@@ -61,11 +68,15 @@ class MetaTrainer:
     def _batched(self, mode: str):
         if mode not in self._fns:
             update = self.algorithm.task_update
+            # args: xs, ys, xq, yq and the algorithm's per-task noise, all with a leading task axis
             if mode == "vmap":
-                fn = vmap(update, in_dims=(None, 0, 0, 0, 0))
+                batched = vmap(lambda meta, args: update(meta, *args), in_dims=(None, 0))
+
+                def fn(meta, *args):
+                    return batched(meta, args)
             else:
-                def fn(meta, xs, ys, xq, yq):
-                    outs = [update(meta, xs[i], ys[i], xq[i], yq[i]) for i in range(xs.shape[0])]
+                def fn(meta, *args):
+                    outs = [update(meta, *(a[i] for a in args)) for i in range(args[0].shape[0])]
                     return torch.utils._pytree.tree_map(lambda *t: torch.stack(t), *outs)
             if self.config["execution"]["compile"]:
                 # dynamo cannot trace jvp-of-grad under vmap (a device mismatch on meta tensors in torch 2.13);
@@ -100,6 +111,11 @@ class MetaTrainer:
         n = self.config["outer"]["meta_batch"]
         return self.family.sample(n, self.generator, split).to(self.device, self.dtype)
 
+    def _with_noise(self, batch):
+        """The task tensors followed by the algorithm's per-task noise (drawn from the job's generator)."""
+        noise = self.algorithm.noise(batch.xs.shape[0], self.generator, self.dtype, self.device)
+        return (*batch, *noise) if noise else batch
+
     def lr_factor(self) -> float:
         if self.config["outer"]["schedule"] == "linear":
             return max(0.0, 1.0 - self.step_count / self.total_steps)
@@ -107,7 +123,7 @@ class MetaTrainer:
 
     def step(self) -> dict:
         """One meta-step. Returns its metrics as floats."""
-        batch = self.sample()
+        batch = self._with_noise(self.sample())
         if self.vectorize == "auto":
             deltas, metrics = self._choose_vectorization(batch)
         else:
@@ -135,6 +151,11 @@ class MetaTrainer:
                 {"log_sigma2": g}, self.outer_state["log_sigma2"], {"log_sigma2": self.meta["log_sigma2"]},
                 lr=outer["lr_log_sigma2"] * f)
             self.meta["log_sigma2"] = new["log_sigma2"].clamp(LOG_SIGMA2_MIN, LOG_SIGMA2_MAX)
+        if "extra" in self.meta:
+            lr = outer.get("lr_extra") or outer["lr_phi"]
+            new, self.outer_state["extra"] = self.outer.update(
+                delta["extra"], self.outer_state["extra"], self.meta["extra"], lr=lr * f)
+            self.meta["extra"] = self.algorithm.project_extra(new)
 
     def run(self, steps: int | None = None, callback=None):
         """Meta-train to ``total_steps`` (or ``steps`` more); ``callback(step, metrics)`` may return True to stop."""
@@ -153,8 +174,9 @@ class MetaTrainer:
 
     def meta_model(self):
         from .adapt import MetaModel
+        extra = {k: v.detach().clone() for k, v in self.meta.get("extra", {}).items()}
         return MetaModel(self.config, {k: v.detach().clone() for k, v in self.meta["phi"].items()},
-                         self.meta["log_sigma2"].detach().clone(), device=self.device)
+                         self.meta["log_sigma2"].detach().clone(), device=self.device, extra=extra or None)
 
     def module_map(self):
         return self.meta_model().module_map()
@@ -164,6 +186,7 @@ class MetaTrainer:
         """(tensors, metadata): flat tensors ready for safetensors plus JSON-able metadata."""
         tensors = {f"phi.{k}": v for k, v in self.meta["phi"].items()}
         tensors["log_sigma2"] = self.meta["log_sigma2"]
+        tensors.update({f"extra.{k}": v for k, v in self.meta.get("extra", {}).items()})
         tensors.update(flatten_state(self.outer_state, "outer"))
         tensors["rng"] = self.generator.get_state()
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -177,6 +200,8 @@ class MetaTrainer:
         dev = self.device
         self.meta["phi"] = {k: tensors[f"phi.{k}"].to(dev, self.dtype) for k in self.meta["phi"]}
         self.meta["log_sigma2"] = tensors["log_sigma2"].to(dev, self.dtype)
+        if "extra" in self.meta:
+            self.meta["extra"] = {k: tensors[f"extra.{k}"].to(dev, self.dtype) for k in self.meta["extra"]}
         self.outer_state = {k: unflatten_state(v, {n: t.to(dev) for n, t in tensors.items()}, f"outer.{k}")
                             for k, v in self.outer_state.items()}
         self.generator.set_state(tensors["rng"].clone())
