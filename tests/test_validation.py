@@ -51,3 +51,20 @@ def test_patience_and_restore():
     acc = Validation(MetaTrainer(cfg), cfg)
     acc.metric = "accuracy"
     assert acc.record(1, 0.5, "a") and acc.record(2, 0.6, "b") and not acc.record(3, 0.55, "c")
+
+
+def test_validation_sees_current_extra_tensors():
+    """Algorithms with their own meta-learned tensors (Meta-SGD's learning rates) are validated as they are now."""
+    cfg = JobConfig.model_validate({
+        "algorithm": {"name": "meta_sgd"}, "model": {"arch": "mlp", "hidden": [8]},
+        "tasks": {"family": "sinusoid", "shots": 5, "query": 5}, "inner": {"steps": 2},
+        "outer": {"meta_batch": 4, "steps": 4}, "execution": {"vectorize": "loop", "device": "cpu"},
+        "run": {"validate_every": 2, "validation_tasks": 4}, "seed": 1}).model_dump(mode="json")
+    t = MetaTrainer(cfg)
+    val = Validation(t, cfg)
+    t.step()
+    first = val.score()
+    for _ in range(3):
+        t.step()
+    fresh = Validation(t, cfg).score()
+    assert val.score() == fresh and first == first

@@ -58,7 +58,9 @@ class Validation:
         from core.evaluation import evaluate, metric_name
 
         t = self.trainer
-        if self._mm is None:  # built once (it builds the model and the family); its tensors are swapped below
+        if self._mm is None or t.meta.get("extra"):
+            # built once (it builds the model and the family) and its tensors swapped below; an algorithm with
+            # its own meta-learned tensors (Meta-SGD, T-net, ...) gets a fresh MetaModel each time
             self._mm = t.meta_model()
         else:
             self._mm.phi = {k: v.detach().clone() for k, v in t.meta["phi"].items()}
