@@ -15,7 +15,7 @@ update, metric read-out), built from a validated ``schemas.JobConfig``:
   this script fills with *random* uint8 images (60 classes x 20 instances): the amount of work per step
   depends on shapes only, never on pixel values, so random pixels time the same as Omniglot.
 - peak memory against inner steps (1, 5, 25, 100) for sigma_imaml, sigma_reptile and sigma_maml (conv4,
-  meta-batch 4, loop): peak RSS growth over the pre-step RSS (``ru_maxrss`` minus ``/proc/self/statm``
+  meta-batch 4, loop): peak RSS growth over the pre-step RSS (``VmHWM`` of /proc/self/status minus ``/proc/self/statm``
   resident before the first step) in a fresh subprocess per configuration.
 
 Each throughput figure is the median of several steady steps after one warm-up step; the 1-minute load
@@ -67,7 +67,12 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=str(ROOT)).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "commit": commit, "torch": torch.__version__, "python": platform.python_version(),
             "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
             "loadavg_start": [round(x, 2) for x in os.getloadavg()],
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -147,7 +152,7 @@ def run_case(label: str, cfg: dict, results: list, key: dict, **kw):
     return row
 
 
-def sinusoid_suite(quick: bool) -> list:
+def sinusoid_suite(quick: bool, all_compiled: bool = False) -> list:
     rows = []
     steps_list = (5,) if quick else (1, 5, 100)
     for steps in steps_list:
@@ -163,8 +168,10 @@ def sinusoid_suite(quick: bool) -> list:
                          warmup=not slow)
     # compiled: vmap only (a compiled per-task loop unrolls meta_batch copies of the graph), and not at 100
     # inner steps (the unrolled graph takes minutes to compile on 2 cores)
-    compiled = [("maml", 5), ("sigma_maml", 5)] if quick else \
-        [("maml", 5), ("sigma_maml", 5), ("sigma_reptile", 5), ("maml", 1)]
+    # cold compiles take 35-200 s each on 2 shared cores: the target rows by default, the rest on request
+    compiled = [("maml", 5), ("sigma_maml", 5)]
+    if all_compiled:
+        compiled += [("sigma_reptile", 5), ("sigma_imaml", 5), ("maml", 1), ("sigma_maml", 1)]
     for alg, steps in compiled:
         run_case("sinusoid", sinusoid_config(alg, steps, "vmap", True), rows,
                  {"workload": "sinusoid", "alg": alg, "inner_steps": steps, "mode": "vmap", "compiled": True},
@@ -224,13 +231,25 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _peak_rss_bytes() -> int:
+    """This process's own high-water mark. Not ``ru_maxrss``: Linux carries it across execve, so a child
+    spawned (vfork + exec) by a large parent reports the parent's peak. ``VmHWM`` belongs to the new mm."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def memory_child(alg: str, steps: int, meta_batch: int) -> dict:
     torch.set_num_threads(1)
     trainer = MetaTrainer(conv4_config(alg, steps, "loop", False, False, meta_batch=meta_batch))
     batch = trainer.sample()
     before = _rss_bytes()
     deltas, metrics = trainer.task_updates(batch, "loop")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = _peak_rss_bytes()
     return {"alg": alg, "inner_steps": steps, "baseline_mb": round(before / 2**20, 1),
             "peak_growth_mb": round(max(peak - before, 0) / 2**20, 2)}
 
@@ -240,6 +259,8 @@ def memory_suite(quick: bool) -> list:
     steps_list = (1, 25) if quick else (1, 5, 25, 100)
     for alg in ("sigma_imaml", "sigma_reptile", "sigma_maml"):
         for steps in steps_list:
+            if alg == "sigma_maml" and steps not in (min(steps_list), max(steps_list)):
+                continue  # the contrast (memory linear in steps) needs only the two ends
             cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", alg, str(steps), "4"]
             p = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT),
                                env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
@@ -263,6 +284,40 @@ def memory_suite(quick: bool) -> list:
                     r["peak_ratio_vs_1"] = round(b / a, 3)
                     r["growth_ratio_vs_1"] = round(rs[hi]["peak_growth_mb"] / g, 2) if g > 0 else None
     return rows
+
+
+# Findings of one-off experiments on this machine (2026-11-22, load average 4-8 on 2 cores), kept with the
+# tables because they explain them; the proposed core/ changes and their measurements are in the text.
+FINDINGS = """### Why the slow paths are slow, and what measured faster
+
+- **Intra-op threads.** On this shared 2-core machine (load average 4-8 from other jobs) two intra-op
+  threads are 4-7x *slower* than one (sinusoid MAML eager 5.5-6.6 vs 31-36 meta-steps/s; conv4 MAML loop
+  0.05-0.08 vs 0.36-0.40): OpenMP workers spin and wait for a core that another process holds. Every row
+  here runs with 1 thread (`--threads 1`); `MetaTrainer` itself sets no thread count, so callers must
+  (the worker's `torch_threads` default is 1).
+- **Per-task loop (sinusoid).** 10-25x slower than vmap: each of the 25 tasks pays the full Python and
+  torch.func dispatch for ~250 tiny ops per inner step; 100 inner steps take 16-36 s per meta-step.
+- **Eager vmap (sinusoid).** Every op runs through two or three functorch layers (grad / vmap / grad);
+  a hand-batched rewrite of the same 5-step second-order MAML step (task-batched parameters with `baddbmm`
+  and plain `torch.autograd.grad(create_graph=True)`, same meta-gradient to 6e-8) ran 2.0x faster by median
+  and 3-4x by best step (16.8 vs 8.2 meta-steps/s at load 8.5): the eager path is dispatch-bound.
+- **torch.compile (sinusoid).** Steady steps reach 1.2-3.5 ms (the best steps: 285-800 meta-steps/s),
+  but cold compiles took 36-200 s under this load (issue 2 measured 10-32 s on a quiet machine).
+  Compiling the *whole* meta-step (per-task updates + mean + Adam outer update + metric means) as one graph
+  instead of only the per-task updates measured 1.5x faster for MAML (best step 1.95 vs 2.88 ms, median
+  10.1 vs 16.3 ms) and reached 124 meta-steps/s median / 2.7 ms best for sigma-MAML, equal to eager within
+  3e-8.
+- **conv4.** Compute-bound: `convolution_backward` 39% and `mkldnn_convolution` 17% of CPU time, batch-norm
+  forward+backward 14%, layout copies 6%. A meta-step is ~40 GFLOP (75 query images per task dominate), so
+  1.5 meta-steps/s needs ~60 GFLOP/s, more than one contended core delivers here. vmap turns per-task
+  weights into grouped convolutions and was 2.4x slower than the loop for MAML, 1.5x for sigma-MAML and
+  sigma-Reptile (about even for sigma-iMAML, whose CG matvecs dominate). channels_last is within noise of NCHW in the loop and
+  *fails* under vmap (`NYI: querying is_contiguous inside of vmap`). Compiling conv4: vmap 297 s to
+  compile, then 3.1 s per step (no better than the eager loop); the compiled loop did not finish compiling
+  in 400 s (it unrolls 32 copies of the task graph).
+- **Memory.** sigma-iMAML and sigma-Reptile adapt without keeping a graph: peak growth is flat in the
+  number of inner steps; sigma-MAML's grows linearly (it backpropagates through the unrolled steps).
+"""
 
 
 # --------------------------------------------------------------------------- report
@@ -302,7 +357,8 @@ def markdown(info, sin, conv, thr, mem, tg, quick, wall) -> str:
          f"fastest steady step, is the closer estimate of an unshared machine; targets use the median).", "",
          f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, Python {info['python']}, "
          f"intra-op threads {info['threads']} (set by `--threads`), load average at start "
-         f"{info['loadavg_start']}; measured {info['date']}; run took {wall:.0f} s.", "",
+         f"{info['loadavg_start']}; code at commit {info.get('commit')}; measured {info['date']}; "
+         f"run took {wall:.0f} s.", "",
          "### Targets", "", "| target | measured | met |", "|---|---:|:---:|"]
     for name, v, ok in tg:
         L.append(f"| {name} | {_fmt(v)} | {'yes' if ok else 'no'} |")
@@ -338,7 +394,8 @@ def markdown(info, sin, conv, thr, mem, tg, quick, wall) -> str:
                 L.append(f"| {r['workload']} {r['alg']} {r['mode']} {r.get('layout', '')} | {r['threads']} | "
                          f"{r['steps_per_s']:.2f} | {r['step_ms']:.1f} | {r['n']} | {r['load1']} |")
     L += ["", "### Peak memory against inner steps (conv4, meta-batch 4, loop, one meta-step's task updates)", "",
-          "Fresh subprocess per row; growth = peak RSS (`ru_maxrss`) minus resident memory before the step; "
+          "Fresh subprocess per row; growth = peak RSS (`VmHWM`; not `ru_maxrss`, which Linux carries over "
+          "from the spawning parent across exec) minus resident memory before the step; "
           "ratio = total peak RSS at the largest step count over that at 1 step.", "",
           "| algorithm | inner steps | baseline MB | peak growth MB | peak ratio vs 1 step | growth ratio | load1 |",
           "|---|---:|---:|---:|---:|---:|---:|"]
@@ -348,6 +405,7 @@ def markdown(info, sin, conv, thr, mem, tg, quick, wall) -> str:
             continue
         L.append(f"| {r['alg']} | {r['inner_steps']} | {r['baseline_mb']} | {r['peak_growth_mb']} | "
                  f"{_fmt(r.get('peak_ratio_vs_1'))} | {_fmt(r.get('growth_ratio_vs_1'))} | {r['load1']} |")
+    L += ["", FINDINGS.rstrip("\n")]
     return "\n".join(L) + "\n"
 
 
@@ -373,6 +431,8 @@ def main(argv=None):
     ap.add_argument("--no-write", action="store_true", help="do not touch benchmarks/RESULTS.md")
     ap.add_argument("--conv4-compile", action="store_true",
                     help="also time torch.compile on conv4 (each compile takes ~5 min on 2 shared cores)")
+    ap.add_argument("--all-compiled", action="store_true",
+                    help="also compile sinusoid sigma_reptile/sigma_imaml (5 steps) and maml/sigma_maml (1 step)")
     ap.add_argument("--warm-cache", action="store_true",
                     help="reuse the default Inductor cache (compile times then are not cold)")
     ap.add_argument("--only", nargs="*", choices=("sinusoid", "conv4", "threads", "memory"))
@@ -387,7 +447,7 @@ def main(argv=None):
     info = machine_info()
     print(json.dumps({"machine": info}), flush=True)
     t0 = time.perf_counter()
-    sin = sinusoid_suite(args.quick) if "sinusoid" in only else []
+    sin = sinusoid_suite(args.quick, args.all_compiled) if "sinusoid" in only else []
     conv = conv4_suite(args.quick, args.conv4_compile) if "conv4" in only else []
     thr = threads_suite(args.quick) if "threads" in only else []
     mem = memory_suite(args.quick) if "memory" in only else []
