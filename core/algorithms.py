@@ -280,4 +280,4 @@ def build_algorithm(cfg: dict, learner: Learner) -> Algorithm:
     return cls(learner, cfg)
 
 
-from . import baselines  # noqa: E402,F401  (registers meta_sgd, tnet, mtnet, hyper_representation)
+from . import baselines  # noqa: E402,F401  (registers meta_sgd, tnet, mtnet, hyper_representation, hypernet)

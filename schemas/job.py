@@ -103,11 +103,23 @@ class HyperRepresentation(Strict):
     init_eta: Optional[PositiveFloat] = Field(None, description="initial ground-model step size eta; None = inner.lr")
 
 
-BASELINE_ALGORITHMS = ("meta_sgd", "tnet", "mtnet", "hyper_representation")
+class HyperNet(Strict):
+    """MH (meta-learning via hypernetworks): hidden-layer weights W_l = sum_k e_{l,k} Template_{l,k}; the inner
+    loop adapts the task embeddings e_l (and the head), the outer loop learns the templates (outer.lr_extra)."""
+    name: Literal["hypernet"]
+    embedding: Union[Literal["compressed", "comparable", "overparametrised"],
+                     Annotated[int, Field(ge=1, le=4096)]] = Field(
+        "comparable", description="task-embedding size K per hidden layer, relative to the layer's width (output "
+        "units / channels): 'compressed' width/4, 'comparable' width, 'overparametrised' 2 x width; or an explicit K")
+    adapt_head: bool = Field(True, description="the inner loop adapts the output layer as well as the embeddings "
+                             "(needed for the frozen-features evaluation, which adapts only the head)")
+
+
+BASELINE_ALGORITHMS = ("meta_sgd", "tnet", "mtnet", "hyper_representation", "hypernet")
 
 Algorithm = Annotated[
     Union[SigmaMAML, MAML, FOMAML, SigmaIMAML, IMAML, SigmaReptile, Reptile, MetaSGD, TNet, MTNet,
-          HyperRepresentation], Field(discriminator="name")
+          HyperRepresentation, HyperNet], Field(discriminator="name")
 ]
 
 
