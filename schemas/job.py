@@ -417,7 +417,7 @@ class JobConfig(Strict):
         if name in BASELINE_ALGORITHMS:
             if self.inner.optimizer != "sgd":
                 raise ValueError(f"algorithm '{name}' uses plain gradient inner steps: inner.optimizer must be 'sgd'")
-            if arch == "identity":
+            if arch == "identity" and name != "meta_sgd":  # Meta-SGD's per-parameter rates need no layers
                 raise ValueError(f"algorithm '{name}' needs model.arch 'mlp' or 'conv4'")
         if getattr(self.algorithm, "second_order", "unroll") == "hvp":
             if self.algorithm.first_order:

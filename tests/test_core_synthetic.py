@@ -9,7 +9,7 @@ from schemas import JobConfig
 @pytest.mark.slow
 def test_appendix_c1_sigma_reptile_finds_two_groups_and_does_not_overfit():
     from benchmarks.reproduce.appendix_c import run
-    res = run("linear", shots=5, meta_steps=150, n_eval=100, seed=0)
+    res = run("linear", shots=5, meta_steps=150, n_eval=100, seed=0, algorithms=("sigma_reptile", "maml"))
     sr, maml = res["sigma_reptile"], res["maml"]
     s2 = torch.tensor(sr["sigma2"])
     ratio = float(s2[:4].mean() / s2[4:].mean())
