@@ -152,9 +152,9 @@ def run_case(label: str, cfg: dict, results: list, key: dict, **kw):
     return row
 
 
-def sinusoid_suite(quick: bool, all_compiled: bool = False) -> list:
+def sinusoid_suite(quick: bool, all_compiled: bool = False, eager: bool = True) -> list:
     rows = []
-    steps_list = (5,) if quick else (1, 5, 100)
+    steps_list = ((5,) if quick else (1, 5, 100)) if eager else ()
     for steps in steps_list:
         for alg in ALGS:
             for vec in ("vmap", "loop"):
@@ -301,12 +301,15 @@ FINDINGS = """### Why the slow paths are slow, and what measured faster
   a hand-batched rewrite of the same 5-step second-order MAML step (task-batched parameters with `baddbmm`
   and plain `torch.autograd.grad(create_graph=True)`, same meta-gradient to 6e-8) ran 2.0x faster by median
   and 3-4x by best step (16.8 vs 8.2 meta-steps/s at load 8.5): the eager path is dispatch-bound.
-- **torch.compile (sinusoid).** Steady steps reach 1.2-3.5 ms (the best steps: 285-800 meta-steps/s),
-  but cold compiles took 36-200 s under this load (issue 2 measured 10-32 s on a quiet machine).
-  Compiling the *whole* meta-step (per-task updates + mean + Adam outer update + metric means) as one graph
-  instead of only the per-task updates measured 1.5x faster for MAML (best step 1.95 vs 2.88 ms, median
-  10.1 vs 16.3 ms) and reached 124 meta-steps/s median / 2.7 ms best for sigma-MAML, equal to eager within
-  3e-8.
+- **torch.compile (sinusoid).** Steady steps reach 2.3-3.8 ms, but cold compiles took 36-200 s under
+  this load (issue 2 measured 10-32 s on a quiet machine), and the median swings 2-3x with the load (the
+  same MAML row: 154/s at load 6.0, 342/s at load 5.0). sigma-MAML misses 300/s because ~30 eager ops
+  run around the compiled per-task graph every step (two Adam updates, the inverse-Gamma gradient, the
+  clamp, the mean over tasks). Compiling the *whole* meta-step (per-task updates + mean + outer update +
+  metric means) as one graph (proposed `MetaTrainer` change) measured, cold cache: sigma-MAML 410
+  meta-steps/s (2.44 ms median, 2.23 best, compile 72 s, load 4.1) against 119-262/s for the current
+  code (8.43/3.82 ms median, 3.78/3.39 best, load 5.5/5.7); MAML 386/s (2.59 ms, load 5.4) against
+  342-402/s (no gain: MAML's outer update is small). Same parameters as eager within 3e-8.
 - **conv4.** Compute-bound: `convolution_backward` 39% and `mkldnn_convolution` 17% of CPU time, batch-norm
   forward+backward 14%, layout copies 6%. A meta-step is ~40 GFLOP (75 query images per task dominate), so
   1.5 meta-steps/s needs ~60 GFLOP/s, more than one contended core delivers here. vmap turns per-task
@@ -371,7 +374,7 @@ def markdown(info, sin, conv, thr, mem, tg, quick, wall) -> str:
                      f"error: {r['error']} | | | | | | {r['load1']} |")
             continue
         L.append(f"| {r['alg']} | {r['inner_steps']} | {r['mode']} | {'yes' if r['compiled'] else 'no'} | "
-                 f"{r['steps_per_s']:.1f} | {r['tasks_per_s']:.0f} | {r['step_ms']:.1f} | {r['min_step_ms']:.1f} | "
+                 f"{r['steps_per_s']:.3g} | {r['tasks_per_s']:.3g} | {r['step_ms']:.1f} | {r['min_step_ms']:.1f} | "
                  f"{_fmt(r.get('compile_s'))} | {r['n']} | {r['load1']} |")
     L += ["", "### Conv4 5-way 1-shot (28x28x1, 15 queries/class, meta-batch 32, 1 inner step)", "",
           "Random uint8 images through the real `image_classes` family (registered `dataset` source); speed "
@@ -435,7 +438,8 @@ def main(argv=None):
                     help="also compile sinusoid sigma_reptile/sigma_imaml (5 steps) and maml/sigma_maml (1 step)")
     ap.add_argument("--warm-cache", action="store_true",
                     help="reuse the default Inductor cache (compile times then are not cold)")
-    ap.add_argument("--only", nargs="*", choices=("sinusoid", "conv4", "threads", "memory"))
+    ap.add_argument("--only", nargs="*", choices=("sinusoid", "sinusoid_compiled", "conv4", "threads", "memory"),
+                    help="run only these parts (sinusoid_compiled: the compiled sinusoid rows alone)")
     ap.add_argument("--memory-child", nargs=3, metavar=("ALG", "STEPS", "META_BATCH"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory_child:
@@ -447,7 +451,8 @@ def main(argv=None):
     info = machine_info()
     print(json.dumps({"machine": info}), flush=True)
     t0 = time.perf_counter()
-    sin = sinusoid_suite(args.quick, args.all_compiled) if "sinusoid" in only else []
+    sin = sinusoid_suite(args.quick, args.all_compiled) if "sinusoid" in only else \
+        sinusoid_suite(args.quick, args.all_compiled, eager=False) if "sinusoid_compiled" in only else []
     conv = conv4_suite(args.quick, args.conv4_compile) if "conv4" in only else []
     thr = threads_suite(args.quick) if "threads" in only else []
     mem = memory_suite(args.quick) if "memory" in only else []
