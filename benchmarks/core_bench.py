@@ -295,10 +295,11 @@ FINDINGS = """### Why the slow paths are slow, and what measured faster
   0.05-0.08 vs 0.36-0.40): OpenMP workers spin and wait for a core that another process holds. Every row
   here runs with 1 thread (`--threads 1`); `MetaTrainer` itself sets no thread count, so callers must
   (the worker's `torch_threads` default is 1).
-- **Per-task loop (sinusoid).** 10-25x slower than vmap: each of the 25 tasks pays the full Python and
-  torch.func dispatch for ~250 tiny ops per inner step; 100 inner steps take 16-36 s per meta-step.
-- **Eager vmap (sinusoid).** Every op runs through two or three functorch layers (grad / vmap / grad);
-  a hand-batched rewrite of the same 5-step second-order MAML step (task-batched parameters with `baddbmm`
+- **Per-task loop (sinusoid).** 12-16x slower than vmap: each of the 25 tasks pays the full Python and
+  torch.func dispatch for every tiny op of every inner step; 100 inner steps take 2.5-7 s per meta-step.
+  ``vectorize: auto`` picks vmap here; the loop only pays for conv4.
+- **Eager vmap (sinusoid).** 5-step MAML ran 43-59 meta-steps/s (two runs on the current core, load 5-6),
+  sigma-MAML 32-35. Every op runs through two or three functorch layers (grad / vmap / grad); a hand-batched rewrite of the same 5-step second-order MAML step (task-batched parameters with `baddbmm`
   and plain `torch.autograd.grad(create_graph=True)`, same meta-gradient to 6e-8) ran 2.0x faster by median
   and 3-4x by best step (16.8 vs 8.2 meta-steps/s at load 8.5): the eager path is dispatch-bound.
 - **torch.compile (sinusoid).** Steady steps reach 2.3-3.8 ms, but cold compiles took 36-200 s under
@@ -374,7 +375,7 @@ def markdown(info, sin, conv, thr, mem, tg, quick, wall) -> str:
                      f"error: {r['error']} | | | | | | {r['load1']} |")
             continue
         L.append(f"| {r['alg']} | {r['inner_steps']} | {r['mode']} | {'yes' if r['compiled'] else 'no'} | "
-                 f"{r['steps_per_s']:.3g} | {r['tasks_per_s']:.3g} | {r['step_ms']:.1f} | {r['min_step_ms']:.1f} | "
+                 f"{r['steps_per_s']:.3g} | {r['tasks_per_s']:.4g} | {r['step_ms']:.1f} | {r['min_step_ms']:.1f} | "
                  f"{_fmt(r.get('compile_s'))} | {r['n']} | {r['load1']} |")
     L += ["", "### Conv4 5-way 1-shot (28x28x1, 15 queries/class, meta-batch 32, 1 inner step)", "",
           "Random uint8 images through the real `image_classes` family (registered `dataset` source); speed "
