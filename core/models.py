@@ -65,7 +65,9 @@ class Conv4(nn.Module):
 
     def features(self, x, params=None):
         p = params if params is not None else dict(self.named_parameters())
-        if self.channels_last:
+        if self.channels_last and not torch._C._functorch.is_batchedtensor(x):
+            # not under torch.func.vmap: a BatchedTensor cannot report a memory format ("NYI: querying
+            # is_contiguous inside of vmap"); vmapped convolutions are grouped and keep their own layout
             x = x.contiguous(memory_format=torch.channels_last)
         stride = 2 if self.variant == "strided" else 1
         for i in range(4):

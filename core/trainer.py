@@ -65,8 +65,10 @@ class MetaTrainer:
         self._fns = {}
 
     # ------------------------------------------------------------------ per-task updates
-    def _batched(self, mode: str):
-        if mode not in self._fns:
+    def _batched(self, mode: str, compile: bool | None = None):
+        compile = self.config["execution"]["compile"] if compile is None else compile
+        key = (mode, compile)
+        if key not in self._fns:
             update = self.algorithm.task_update
             # args: xs, ys, xq, yq and the algorithm's per-task noise, all with a leading task axis
             if mode == "vmap":
@@ -78,13 +80,13 @@ class MetaTrainer:
                 def fn(meta, *args):
                     outs = [update(meta, *(a[i] for a in args)) for i in range(args[0].shape[0])]
                     return torch.utils._pytree.tree_map(lambda *t: torch.stack(t), *outs)
-            if self.config["execution"]["compile"]:
+            if compile:
                 # dynamo cannot trace jvp-of-grad under vmap (a device mismatch on meta tensors in torch 2.13);
                 # reverse-over-reverse Hessian-vector products compile
                 self.algorithm.hvp = "reverse"
                 fn = torch.compile(fn, dynamic=False)
-            self._fns[mode] = fn
-        return self._fns[mode]
+            self._fns[key] = fn
+        return self._fns[key]
 
     def task_updates(self, batch, mode=None):
         """Per-task meta-updates and metrics, each with a leading task axis."""
@@ -94,9 +96,12 @@ class MetaTrainer:
         timings = {}
         for mode in ("loop", "vmap"):
             try:
-                self.task_updates(batch, mode)  # warm-up (and compilation)
+                # timed eager: with execution.compile only the winner is compiled afterwards (compiling the
+                # per-task loop unrolls meta_batch copies of the graph: > 400 s for conv4 on 2 cores)
+                fn = self._batched(mode, compile=False)
+                fn(self.meta, *batch)  # warm-up
                 t0 = time.perf_counter()
-                out = self.task_updates(batch, mode)
+                out = fn(self.meta, *batch)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 timings[mode] = (time.perf_counter() - t0, out)
@@ -126,36 +131,67 @@ class MetaTrainer:
         batch = self._with_noise(self.sample())
         if self.vectorize == "auto":
             deltas, metrics = self._choose_vectorization(batch)
+            delta = torch.utils._pytree.tree_map(lambda t: t.mean(0), deltas)
+            self.apply(delta)
+            metrics = {k: v.float().mean() for k, v in metrics.items()}
+        elif self.config["execution"]["compile"]:
+            # the whole meta-step (task updates, mean, outer update, metric means) as one compiled graph
+            f = torch.tensor(self.lr_factor(), dtype=self.dtype, device=self.device)
+            self.meta, self.outer_state, metrics = self._fused(self.vectorize)(self.meta, self.outer_state, f,
+                                                                               *batch)
         else:
             deltas, metrics = self.task_updates(batch)
-        delta = torch.utils._pytree.tree_map(lambda t: t.mean(0), deltas)
-        self.apply(delta)
+            delta = torch.utils._pytree.tree_map(lambda t: t.mean(0), deltas)
+            self.apply(delta)
+            metrics = {k: v.float().mean() for k, v in metrics.items()}
         self.step_count += 1
-        out = {k: float(v.float().mean()) for k, v in metrics.items()}
+        out = {k: float(v) for k, v in metrics.items()}
         if self.algorithm.learns_sigma:
             s2 = self.sigma2()
             out["sigma2_max"], out["sigma2_min"] = float(s2.max()), float(s2.min())
         return out
 
+    def _fused(self, mode: str):
+        key = ("fused", mode)
+        if key not in self._fns:
+            batched = self._batched(mode, compile=False)
+
+            def fn(meta, outer_state, f, *batch):
+                deltas, metrics = batched(meta, *batch)
+                delta = torch.utils._pytree.tree_map(lambda t: t.mean(0), deltas)
+                meta, outer_state = self.outer_update(meta, outer_state, delta, f)
+                return meta, outer_state, {k: v.float().mean() for k, v in metrics.items()}
+
+            self.algorithm.hvp = "reverse"  # see _batched
+            self._fns[key] = torch.compile(fn, dynamic=False)
+        return self._fns[key]
+
     def apply(self, delta: dict):
         """The outer update with separate learning rates for phi and log sigma^2."""
-        outer, f = self.config["outer"], self.lr_factor()
-        self.meta["phi"], self.outer_state["phi"] = self.outer.update(
-            delta["phi"], self.outer_state["phi"], self.meta["phi"], lr=outer["lr_phi"] * f)
+        self.meta, self.outer_state = self.outer_update(self.meta, self.outer_state, delta, self.lr_factor())
+
+    def outer_update(self, meta: dict, outer_state: dict, delta: dict, f):
+        """Pure outer update: (meta, outer_state) -> new (meta, outer_state); ``f`` scales every learning rate
+        (a float, or a 0-dim tensor under torch.compile so that a schedule does not recompile)."""
+        outer = self.config["outer"]
+        meta, outer_state = dict(meta), dict(outer_state)
+        meta["phi"], outer_state["phi"] = self.outer.update(
+            delta["phi"], outer_state["phi"], meta["phi"], lr=outer["lr_phi"] * f)
         if self.algorithm.learns_sigma:
             g = delta["log_sigma2"]
             beta = self.config["algorithm"]["ig_beta"]
             if beta > 0:
-                g = g + grad(inverse_gamma_penalty)(self.meta["log_sigma2"], beta)
-            new, self.outer_state["log_sigma2"] = self.outer.update(
-                {"log_sigma2": g}, self.outer_state["log_sigma2"], {"log_sigma2": self.meta["log_sigma2"]},
+                g = g + grad(inverse_gamma_penalty)(meta["log_sigma2"], beta)
+            new, outer_state["log_sigma2"] = self.outer.update(
+                {"log_sigma2": g}, outer_state["log_sigma2"], {"log_sigma2": meta["log_sigma2"]},
                 lr=outer["lr_log_sigma2"] * f)
-            self.meta["log_sigma2"] = new["log_sigma2"].clamp(LOG_SIGMA2_MIN, LOG_SIGMA2_MAX)
-        if "extra" in self.meta:
+            meta["log_sigma2"] = new["log_sigma2"].clamp(LOG_SIGMA2_MIN, LOG_SIGMA2_MAX)
+        if "extra" in meta:
             lr = outer.get("lr_extra") or outer["lr_phi"]
-            new, self.outer_state["extra"] = self.outer.update(
-                delta["extra"], self.outer_state["extra"], self.meta["extra"], lr=lr * f)
-            self.meta["extra"] = self.algorithm.project_extra(new)
+            new, outer_state["extra"] = self.outer.update(
+                delta["extra"], outer_state["extra"], meta["extra"], lr=lr * f)
+            meta["extra"] = self.algorithm.project_extra(new)
+        return meta, outer_state
 
     def run(self, steps: int | None = None, callback=None):
         """Meta-train to ``total_steps`` (or ``steps`` more); ``callback(step, metrics)`` may return True to stop."""
