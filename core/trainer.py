@@ -15,6 +15,29 @@ from .tasks import build_family
 STATE_VERSION = 1
 
 
+def reduce_tasks(deltas, metrics):
+    """Mean of the per-task meta-updates over the tasks whose update is finite, and the metric means.
+
+    A task whose inner loop diverged (an inner learning rate too large for the current phi) gives inf/NaN
+    updates; averaged in, one such task would poison phi and the outer optimizer state for good. Such tasks
+    are left out of the mean and counted in the ``skipped_tasks`` metric (when every task of the meta-batch
+    diverged the update is zero). The metric means include every task, so a divergence stays visible.
+    Data-independent control flow (``torch.where``), so it vmaps and compiles.
+    """
+    leaves = torch.utils._pytree.tree_leaves(deltas)
+    ok = torch.stack([torch.isfinite(t.reshape(t.shape[0], -1)).all(1) for t in leaves]).all(0)  # [B]
+    n_ok = ok.sum()
+    weight = ok.to(leaves[0].dtype) / n_ok.clamp(min=1).to(leaves[0].dtype)
+
+    def mean(t):
+        shape = (-1,) + (1,) * (t.dim() - 1)
+        return (torch.where(ok.view(shape), t, torch.zeros_like(t)) * weight.view(shape)).sum(0)
+
+    out = {k: v.float().mean() for k, v in metrics.items()}
+    out["skipped_tasks"] = (ok.numel() - n_ok).float()
+    return torch.utils._pytree.tree_map(mean, deltas), out
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -130,20 +153,16 @@ class MetaTrainer:
         """One meta-step. Returns its metrics as floats."""
         batch = self._with_noise(self.sample())
         if self.vectorize == "auto":
-            deltas, metrics = self._choose_vectorization(batch)
-            delta = torch.utils._pytree.tree_map(lambda t: t.mean(0), deltas)
+            delta, metrics = reduce_tasks(*self._choose_vectorization(batch))
             self.apply(delta)
-            metrics = {k: v.float().mean() for k, v in metrics.items()}
         elif self.config["execution"]["compile"]:
             # the whole meta-step (task updates, mean, outer update, metric means) as one compiled graph
             f = torch.tensor(self.lr_factor(), dtype=self.dtype, device=self.device)
             self.meta, self.outer_state, metrics = self._fused(self.vectorize)(self.meta, self.outer_state, f,
                                                                                *batch)
         else:
-            deltas, metrics = self.task_updates(batch)
-            delta = torch.utils._pytree.tree_map(lambda t: t.mean(0), deltas)
+            delta, metrics = reduce_tasks(*self.task_updates(batch))
             self.apply(delta)
-            metrics = {k: v.float().mean() for k, v in metrics.items()}
         self.step_count += 1
         out = {k: float(v) for k, v in metrics.items()}
         if self.algorithm.learns_sigma:
@@ -157,10 +176,9 @@ class MetaTrainer:
             batched = self._batched(mode, compile=False)
 
             def fn(meta, outer_state, f, *batch):
-                deltas, metrics = batched(meta, *batch)
-                delta = torch.utils._pytree.tree_map(lambda t: t.mean(0), deltas)
+                delta, metrics = reduce_tasks(*batched(meta, *batch))
                 meta, outer_state = self.outer_update(meta, outer_state, delta, f)
-                return meta, outer_state, {k: v.float().mean() for k, v in metrics.items()}
+                return meta, outer_state, metrics
 
             self.algorithm.hvp = "reverse"  # see _batched
             self._fns[key] = torch.compile(fn, dynamic=False)

@@ -185,3 +185,17 @@ def test_compiled_meta_step_matches_eager():
     compiled.run()
     for k in eager.meta["phi"]:
         assert torch.allclose(eager.meta["phi"][k], compiled.meta["phi"][k], atol=1e-5)
+
+
+def test_diverged_tasks_are_left_out_of_the_meta_update():
+    from core.trainer import reduce_tasks
+    deltas = {"phi": {"w": torch.tensor([[1.0, 2.0], [float("nan"), 0.0], [3.0, 4.0]])},
+              "log_sigma2": torch.tensor([[0.5], [0.1], [float("inf")]])}
+    delta, metrics = reduce_tasks(deltas, {"query_loss": torch.tensor([1.0, 2.0, 3.0])})
+    # only task 0 is finite everywhere
+    assert torch.equal(delta["phi"]["w"], torch.tensor([1.0, 2.0]))
+    assert torch.equal(delta["log_sigma2"], torch.tensor([0.5]))
+    assert float(metrics["skipped_tasks"]) == 2 and float(metrics["query_loss"]) == 2.0
+    all_bad = {"phi": {"w": torch.full((2, 2), float("nan"))}, "log_sigma2": torch.zeros(2, 1)}
+    delta, metrics = reduce_tasks(all_bad, {})
+    assert torch.equal(delta["phi"]["w"], torch.zeros(2)) and float(metrics["skipped_tasks"]) == 2
