@@ -312,31 +312,44 @@ def ordered_tensors(tensors: dict, meta: dict) -> dict:
     return {k: tensors[k] for k in order}
 
 
-@app.task(name=ADAPT, acks_late=True, reject_on_worker_lost=True)
-def adapt(request_id: str, model_id: str, payload: dict):
-    """Adapt a meta-model to one support set and predict the queries; the reply goes on a Redis list that
-    the waiting API pops."""
-    rt = runtime()
+def _reply(rt: _Runtime, request_id: str, what: str, work) -> None:
+    """Run ``work() -> dict`` and push its JSON reply on the Redis list the waiting API pops: a ValueError
+    (bad input the core rejected) becomes a 422 message, anything else a logged 500."""
     try:
-        mm = _load_model(rt, model_id)
-        res = mm.adapt(payload["support"]["x"], payload["support"]["y"], steps=payload["steps"],
-                       modules=payload["modules"])
-        pred = mm.predict(payload["query"]["x"], res.params)
-        out = {"ok": True, "predictions": [[_finite(v) for v in row] for row in pred.double().cpu().tolist()], "adapted_modules": res.adapted_modules,
-               "loss_curve": [_finite(v) for v in res.loss_curve]}
-        if payload.get("save_adapter"):
-            out["adapter_id"] = _save_adapter(rt, model_id, mm, res, payload)
+        out = {"ok": True, **work()}
     except ValueError as e:
         out = {"ok": False, "status": 422, "message": str(e)}
     except Exception as e:
-        log.exception("adapt %s failed", request_id)
+        log.exception("%s %s failed", what, request_id)
         out = {"ok": False, "status": 500, "message": f"{type(e).__name__}: {e}"}
     key = reply_key(request_id)
     pipe = rt.redis.pipeline()
     pipe.rpush(key, json.dumps(out))
     pipe.expire(key, 300)
     pipe.execute()
-    return None
+
+
+def _predictions(pred) -> list:
+    return [[_finite(v) for v in row] for row in pred.double().cpu().tolist()]
+
+
+@app.task(name=ADAPT, acks_late=True, reject_on_worker_lost=True)
+def adapt(request_id: str, model_id: str, payload: dict):
+    """Adapt a meta-model to one support set and predict the queries; the reply goes on a Redis list that
+    the waiting API pops."""
+    rt = runtime()
+
+    def work():
+        mm = _load_model(rt, model_id)
+        res = mm.adapt(payload["support"]["x"], payload["support"]["y"], steps=payload["steps"],
+                       modules=payload["modules"])
+        out = {"predictions": _predictions(mm.predict(payload["query"]["x"], res.params)),
+               "adapted_modules": res.adapted_modules, "loss_curve": [_finite(v) for v in res.loss_curve]}
+        if payload.get("save_adapter"):
+            out["adapter_id"] = _save_adapter(rt, model_id, mm, res, payload)
+        return out
+
+    _reply(rt, request_id, "adapt", work)
 
 
 def _save_adapter(rt: _Runtime, model_id: str, mm, res, payload: dict) -> str:
@@ -355,7 +368,8 @@ def _save_adapter(rt: _Runtime, model_id: str, mm, res, payload: dict) -> str:
 def adapter_predict(request_id: str, adapter_id: str, payload: dict):
     """Predict with a stored adapter: the model's phi with the adapter's tensors in place of the adapted ones."""
     rt = runtime()
-    try:
+
+    def work():
         with rt.db.session() as ses:
             row = ses.get(Adapter, adapter_id)
             if row is None:
@@ -364,16 +378,6 @@ def adapter_predict(request_id: str, adapter_id: str, payload: dict):
         mm = _load_model(rt, model_id)
         tensors, _ = rt.store.get_tensors(uri, sha256=sha)
         params = {**mm.phi, **{k: v.to(mm.device, mm.phi[k].dtype) for k, v in tensors.items()}}
-        pred = mm.predict(payload["x"], params)
-        out = {"ok": True, "predictions": [[_finite(v) for v in row] for row in pred.double().cpu().tolist()]}
-    except ValueError as e:
-        out = {"ok": False, "status": 422, "message": str(e)}
-    except Exception as e:
-        log.exception("adapter predict %s failed", request_id)
-        out = {"ok": False, "status": 500, "message": f"{type(e).__name__}: {e}"}
-    key = reply_key(request_id)
-    pipe = rt.redis.pipeline()
-    pipe.rpush(key, json.dumps(out))
-    pipe.expire(key, 300)
-    pipe.execute()
-    return None
+        return {"predictions": _predictions(mm.predict(payload["x"], params))}
+
+    _reply(rt, request_id, "adapter predict", work)
