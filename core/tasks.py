@@ -9,7 +9,6 @@ import math
 from typing import Callable, NamedTuple, Optional
 
 import torch
-from torch.nn import functional as F
 
 
 class TaskBatch(NamedTuple):
@@ -273,6 +272,3 @@ def build_family(cfg: dict, seed: int = 0, data: Optional[dict] = None) -> Famil
                                split.get("val_fraction", 0.0), split.get("seed", 0))
     raise ValueError(f"unknown task family {fam!r}")
 
-
-def cross_entropy(pred, y):
-    return F.cross_entropy(pred, y)

@@ -8,7 +8,7 @@ from torch.func import grad, vmap
 
 from .algorithms import Learner, build_algorithm
 from .models import build_model, init_params
-from .modules import LOG_SIGMA2_MAX, LOG_SIGMA2_MIN, build_partition, inverse_gamma_penalty
+from .modules import LOG_SIGMA2_MAX, LOG_SIGMA2_MIN, build_partition, inverse_gamma_penalty, sigma2
 from .optim import build_optimizer, flatten_state, unflatten_state
 from .tasks import build_family
 
@@ -223,7 +223,6 @@ class MetaTrainer:
 
     # ------------------------------------------------------------------ views
     def sigma2(self):
-        from .modules import sigma2
         return sigma2(self.meta["log_sigma2"])
 
     def meta_model(self):
