@@ -97,6 +97,22 @@ async def read_capped(request: Request, cap: int, status: int = 413) -> bytes:
     return b"".join(chunks)
 
 
+def parse_json(raw: bytes, schema, empty: bytes = b"null", object_msg: Optional[str] = None):
+    """Decode a JSON body and validate it with a pydantic ``schema``; every failure is a 422 naming the field.
+    ``object_msg``: refuse anything but a JSON object with that message."""
+    try:
+        body = json.loads(raw or empty)
+    except ValueError as e:
+        raise ApiError(422, f"body is not valid JSON: {e}", [{"loc": ["body"], "msg": str(e)}])
+    if object_msg and not isinstance(body, dict):
+        raise ApiError(422, object_msg, [{"loc": ["body"], "msg": "not an object"}])
+    try:
+        return schema.model_validate(body)
+    except ValidationError as e:
+        errs = pydantic_errors(e)
+        raise ApiError(422, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in errs), errs)
+
+
 class Histogram:
     """A cumulative Prometheus histogram (thread-safe), rendered as text."""
     BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
@@ -275,18 +291,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/v1/jobs", status_code=202, response_model=JobCreated, tags=["jobs"])
     async def create_job(request: Request, t: Tenant,
                          idempotency_key: Annotated[Optional[str], Header(max_length=128)] = None):
-        raw = await request.body()
-        try:
-            body = json.loads(raw or b"null")
-        except ValueError as e:
-            raise ApiError(422, f"body is not valid JSON: {e}", [{"loc": ["body"], "msg": str(e)}])
-        if not isinstance(body, dict):
-            raise ApiError(422, "body must be a JSON object (a job config)", [{"loc": ["body"], "msg": "not an object"}])
-        try:
-            cfg = JobConfig.model_validate(body).model_dump(mode="json")
-        except ValidationError as e:
-            errs = pydantic_errors(e)
-            raise ApiError(422, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in errs), errs)
+        cfg = parse_json(await request.body(), JobConfig,
+                         object_msg="body must be a JSON object (a job config)").model_dump(mode="json")
         return await run_in_threadpool(_create_job, t, cfg, idempotency_key)
 
     def check_datasets(s, t: str, tasks: dict):
@@ -491,23 +497,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
               openapi_extra={"requestBody": {"content": {"application/json": {
                   "schema": AdaptRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}})
     async def adapt(model_id: str, request: Request, t: Tenant):
-        cl = request.headers.get("content-length")
-        if cl and cl.isdigit() and int(cl) > settings.adapt_max_bytes:
-            raise unprocessable(["body"], f"request body of {cl} bytes is above the cap of {settings.adapt_max_bytes}")
-        raw = b""
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > settings.adapt_max_bytes:
-                raise unprocessable(["body"], f"request body is above the cap of {settings.adapt_max_bytes} bytes")
-        try:
-            body = json.loads(raw or b"null")
-        except ValueError as e:
-            raise ApiError(422, f"body is not valid JSON: {e}", [{"loc": ["body"], "msg": str(e)}])
-        try:
-            req = AdaptRequest.model_validate(body)
-        except ValidationError as e:
-            errs = pydantic_errors(e)
-            raise ApiError(422, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in errs), errs)
+        req = parse_json(await read_capped(request, settings.adapt_max_bytes, status=422), AdaptRequest)
         m = await run_in_threadpool(_model_for, t, model_id)
         payload = validate_adapt(req, m, settings)
         payload.update(save_adapter=req.save_adapter, tenant=t)
@@ -517,18 +507,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
               openapi_extra={"requestBody": {"content": {"application/json": {
                   "schema": EvaluationRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}})
     async def create_evaluation(model_id: str, request: Request, t: Tenant):
-        raw = await read_capped(request, 64 * 1024, status=422)
-        try:
-            body = json.loads(raw or b"{}")
-        except ValueError as e:
-            raise ApiError(422, f"body is not valid JSON: {e}", [{"loc": ["body"], "msg": str(e)}])
-        if not isinstance(body, dict):
-            raise unprocessable(["body"], "must be a JSON object")
-        try:
-            req = EvaluationRequest.model_validate(body)
-        except ValidationError as e:
-            errs = pydantic_errors(e)
-            raise ApiError(422, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in errs), errs)
+        req = parse_json(await read_capped(request, 64 * 1024, status=422), EvaluationRequest, empty=b"{}",
+                         object_msg="body: must be a JSON object")
         if max(req.steps) > settings.adapt_max_steps:
             raise unprocessable(["steps"], f"{max(req.steps)} is above the cap of {settings.adapt_max_steps} steps")
         return await run_in_threadpool(_create_evaluation, t, model_id, req)
@@ -608,16 +588,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/v1/adapters/{adapter_id}/predict", response_model=PredictOut, tags=["adapters"])
     async def adapter_predict(adapter_id: str, request: Request, t: Tenant):
         from worker.celery_app import ADAPTER_PREDICT
-        raw = await read_capped(request, settings.adapt_max_bytes, status=422)
-        try:
-            body = json.loads(raw or b"null")
-        except ValueError as e:
-            raise ApiError(422, f"body is not valid JSON: {e}", [{"loc": ["body"], "msg": str(e)}])
-        try:
-            req = PredictRequest.model_validate(body)
-        except ValidationError as e:
-            errs = pydantic_errors(e)
-            raise ApiError(422, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in errs), errs)
+        req = parse_json(await read_capped(request, settings.adapt_max_bytes, status=422), PredictRequest)
 
         def lookup():
             with app.state.db.session() as s:
