@@ -38,6 +38,24 @@ def reduce_tasks(deltas, metrics):
     return torch.utils._pytree.tree_map(mean, deltas), out
 
 
+def clip_delta(delta, metrics, max_norm=None):
+    """Global-norm clipping of the meta-gradient (every leaf of ``delta`` together, as
+    ``torch.nn.utils.clip_grad_norm_``); records the norm before clipping as the ``grad_norm`` metric.
+
+    Without it one task at the edge of inner-loop stability can give a meta-gradient 1e30 times the usual
+    one; Adam's second-moment estimate then stays that large for thousands of steps and freezes meta-training
+    wherever it is, e.g. at Meta-SGD learning rates or a T-net T that make held-out tasks diverge. Clipped,
+    such a task still dominates the direction of the mean update (away from the unstable region) but not its
+    size. Data-independent control flow, so it compiles."""
+    leaves = torch.utils._pytree.tree_leaves(delta)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in leaves]))
+    metrics = {**metrics, "grad_norm": norm}
+    if max_norm is None:
+        return delta, metrics
+    scale = (max_norm / (norm + 1e-12)).clamp(max=1.0)
+    return torch.utils._pytree.tree_map(lambda t: t * scale.to(t.dtype), delta), metrics
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -153,7 +171,7 @@ class MetaTrainer:
         """One meta-step. Returns its metrics as floats."""
         batch = self._with_noise(self.sample())
         if self.vectorize == "auto":
-            delta, metrics = reduce_tasks(*self._choose_vectorization(batch))
+            delta, metrics = self.reduce(*self._choose_vectorization(batch))
             self.apply(delta)
         elif self.config["execution"]["compile"]:
             # the whole meta-step (task updates, mean, outer update, metric means) as one compiled graph
@@ -161,7 +179,7 @@ class MetaTrainer:
             self.meta, self.outer_state, metrics = self._fused(self.vectorize)(self.meta, self.outer_state, f,
                                                                                *batch)
         else:
-            delta, metrics = reduce_tasks(*self.task_updates(batch))
+            delta, metrics = self.reduce(*self.task_updates(batch))
             self.apply(delta)
         self.step_count += 1
         out = {k: float(v) for k, v in metrics.items()}
@@ -176,13 +194,17 @@ class MetaTrainer:
             batched = self._batched(mode, compile=False)
 
             def fn(meta, outer_state, f, *batch):
-                delta, metrics = reduce_tasks(*batched(meta, *batch))
+                delta, metrics = self.reduce(*batched(meta, *batch))
                 meta, outer_state = self.outer_update(meta, outer_state, delta, f)
                 return meta, outer_state, metrics
 
             self.algorithm.hvp = "reverse"  # see _batched
             self._fns[key] = torch.compile(fn, dynamic=False)
         return self._fns[key]
+
+    def reduce(self, deltas, metrics):
+        """Per-task updates -> the meta-batch's update: the finite tasks' mean, then global-norm clipping."""
+        return clip_delta(*reduce_tasks(deltas, metrics), self.config["outer"].get("clip_grad_norm"))
 
     def apply(self, delta: dict):
         """The outer update with separate learning rates for phi and log sigma^2."""

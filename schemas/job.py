@@ -351,6 +351,11 @@ class Outer(Strict):
         None, description="outer learning rate of an algorithm's own meta-learned tensors (Meta-SGD's learning "
                           "rates, T-net's T, MT-net's zeta, hyper-representation's eta); None = lr_phi")
     schedule: Literal["constant", "linear"] = Field("constant", description="linear: decay to 0 at the last step")
+    clip_grad_norm: Optional[PositiveFloat] = Field(
+        None, description="clip the global norm of the meta-gradient (phi, log sigma^2 and the algorithm's own "
+                          "tensors together) to this value before the outer optimizer; None = no clipping. "
+                          "The norm before clipping is recorded as the grad_norm metric; the inverse-Gamma "
+                          "penalty's gradient is added after clipping")
 
 
 class Execution(Strict):

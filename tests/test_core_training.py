@@ -179,12 +179,42 @@ def test_pure_functional_forward_equals_functional_call(arch):
 
 @pytest.mark.slow
 def test_compiled_meta_step_matches_eager():
-    eager = MetaTrainer(sinusoid_cfg("maml", steps=3))
-    compiled = MetaTrainer(sinusoid_cfg("maml", steps=3, execution={"vectorize": "vmap", "compile": True}))
-    eager.run()
-    compiled.run()
+    # with a clipping norm small enough to bind, so the fused graph includes the clipping
+    outer = {"clip_grad_norm": 0.05, "optimizer": "sgd"}
+    eager = MetaTrainer(sinusoid_cfg("maml", steps=3, outer=outer))
+    compiled = MetaTrainer(sinusoid_cfg("maml", steps=3, outer=outer, execution={"vectorize": "vmap", "compile": True}))
+    m_eager, m_compiled = eager.run(), compiled.run()
+    assert m_eager["grad_norm"] > 0.05
+    assert abs(m_eager["grad_norm"] - m_compiled["grad_norm"]) < 1e-4 * m_eager["grad_norm"]
     for k in eager.meta["phi"]:
         assert torch.allclose(eager.meta["phi"][k], compiled.meta["phi"][k], atol=1e-5)
+
+
+def test_meta_gradient_clipping_scales_the_global_norm():
+    from core.trainer import clip_delta
+    delta = {"phi": {"w": torch.tensor([3.0, 0.0])}, "extra": {"a": torch.tensor([[4.0]])}}  # global norm 5
+    out, m = clip_delta(delta, {}, 1.0)
+    assert float(m["grad_norm"]) == pytest.approx(5.0)
+    assert torch.allclose(out["phi"]["w"], torch.tensor([0.6, 0.0])) and torch.allclose(out["extra"]["a"], torch.tensor([[0.8]]))
+    out, m = clip_delta(delta, {}, 10.0)  # below the bound: unchanged
+    assert torch.equal(out["phi"]["w"], delta["phi"]["w"]) and torch.equal(out["extra"]["a"], delta["extra"]["a"])
+    out, _ = clip_delta(delta, {}, None)
+    assert out is delta
+
+
+def test_clipped_sgd_meta_step_moves_phi_by_lr_times_the_bound():
+    # outer SGD: with clipping, phi moves by exactly lr_phi * clip_grad_norm in global norm (log sigma^2 too;
+    # the inverse-Gamma penalty's gradient is added after clipping, so it is switched off here)
+    cfg = sinusoid_cfg("sigma_maml", steps=1, algorithm={"name": "sigma_maml", "ig_beta": 0.0}, outer={"optimizer": "sgd", "lr_phi": 0.1, "lr_log_sigma2": 0.1,
+                                                     "clip_grad_norm": 1e-3},
+                       execution={"vectorize": "vmap", "dtype": "float64"})
+    t = MetaTrainer(cfg)
+    before = {k: v.clone() for k, v in t.meta["phi"].items()}, t.meta["log_sigma2"].clone()
+    m = t.step()
+    assert m["grad_norm"] > 1e-3
+    moved = torch.cat([(t.meta["phi"][k] - before[0][k]).flatten() for k in before[0]]
+                      + [t.meta["log_sigma2"] - before[1]])
+    assert float(moved.norm()) == pytest.approx(0.1 * 1e-3, rel=1e-9)
 
 
 def test_diverged_tasks_are_left_out_of_the_meta_update():
