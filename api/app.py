@@ -7,6 +7,7 @@ and adapt requests). The reconciler runs as a background thread in this process 
 import base64
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -67,13 +68,27 @@ def job_view(j: Job, with_config: bool = False) -> dict:
             "created_at": j.created_at, "updated_at": j.updated_at, "config": j.config if with_config else None}
 
 
+def selection_view(entries: list, config: dict) -> dict:
+    """The ``selection`` object of a module map (``core.adapt.selection`` decided ``selected`` in the worker;
+    this restates its inputs without importing torch): the largest gap in natural-log sigma^2 and whether the
+    selected modules are a strict subset."""
+    s2 = [e["sigma2"] for e in entries]
+    if not entries or any(v is None or v <= 0 for v in s2):
+        return {"method": "none", "gap": None, "min_gap": None, "separated": False}
+    logs = sorted((math.log(v) for v in s2), reverse=True)
+    mods = config.get("modules", {})
+    n_sel = sum(1 for e in entries if e["selected"])
+    return {"method": mods.get("selection", "gap"), "gap": max((a - b for a, b in zip(logs, logs[1:])), default=0.0),
+            "min_gap": mods.get("min_gap", math.log(100.0)), "separated": 0 < n_sel < len(entries)}
+
+
 def model_view(m: MetaModelRow) -> dict:
     total = sum(r["n_params"] for r in m.module_map) or 1
     sel = [r["name"] for r in m.module_map if r["selected"]]
     share = sum(r["n_params"] for r in m.module_map if r["selected"]) / total
     return {"id": m.id, "job_id": m.job_id, "kind": m.kind, "input_shape": m.input_shape,
             "output_dim": m.output_dim, "config": m.config, "module_map": m.module_map, "selected_modules": sel,
-            "selected_share": share, "sha256": m.sha256, "bytes": m.bytes, "created_at": m.created_at}
+            "selection": selection_view(m.module_map, m.config), "selected_share": share, "sha256": m.sha256, "bytes": m.bytes, "created_at": m.created_at}
 
 
 def dataset_view(d: Dataset) -> dict:
@@ -370,7 +385,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/v1/jobs/{job_id}/modules", response_model=ModulesOut, tags=["jobs"])
     def job_modules(job_id: str, s: Session, t: Tenant, step: Optional[int] = Query(None, ge=0)):
-        own_job(s, t, job_id)
+        job = own_job(s, t, job_id)
         steps = s.scalars(select(ModuleMap.step).where(ModuleMap.job_id == job_id).distinct()
                           .order_by(ModuleMap.step)).all()
         if not steps:
@@ -381,8 +396,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise ApiError(404, f"no module map at step {step}; recorded steps: {steps}")
         rows = s.scalars(select(ModuleMap).where(ModuleMap.job_id == job_id, ModuleMap.step == step)
                          .order_by(ModuleMap.position)).all()
-        return {"step": step, "steps": steps, "modules": [
-            {"name": r.module, "n_params": r.n_params, "sigma2": r.sigma2, "selected": r.selected} for r in rows]}
+        modules = [{"name": r.module, "n_params": r.n_params, "sigma2": r.sigma2, "selected": r.selected} for r in rows]
+        return {"step": step, "steps": steps, "modules": modules, "selection": selection_view(modules, job.config)}
 
     @app.get("/v1/jobs/{job_id}/checkpoints", response_model=CheckpointList, tags=["jobs"])
     def job_checkpoints(job_id: str, s: Session, t: Tenant):

@@ -13,7 +13,7 @@ Ten lines, no server::
     result = model.adapt(x_support, y_support, steps=100)   # only the selected modules move
     y_hat = model.predict(x_query, result.params)
 """
-from .adapt import AdaptResult, MetaModel, select_modules
+from .adapt import AdaptResult, MetaModel, select_modules, selection
 from .algorithms import ALGORITHMS, SIGMA_ALGORITHMS, Learner, build_algorithm
 from .cg import conjugate_gradient
 from .evaluation import evaluate, mean_ci
@@ -24,7 +24,7 @@ from .tasks import Family, TaskBatch, build_family, register_source
 from .trainer import MetaTrainer, resolve_device
 
 __all__ = [
-    "AdaptResult", "MetaModel", "select_modules", "ALGORITHMS", "SIGMA_ALGORITHMS", "Learner", "build_algorithm",
+    "AdaptResult", "MetaModel", "select_modules", "selection", "ALGORITHMS", "SIGMA_ALGORITHMS", "Learner", "build_algorithm",
     "conjugate_gradient", "build_model", "init_params", "Partition", "PartitionError", "build_partition",
     "inverse_gamma_penalty", "prior_penalty", "sigma2", "adam", "build_optimizer", "proximal_adam", "proximal_gd",
     "sgd", "Family", "TaskBatch", "build_family", "register_source", "MetaTrainer", "resolve_device", "evaluate",

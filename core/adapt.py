@@ -6,6 +6,7 @@ endpoint: only the selected modules move (the rest stay at phi), regularised by 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,27 +22,41 @@ from .tasks import build_family
 MAX_ADAPT_STEPS = 10_000
 
 
-def select_modules(names, log_sigma2: torch.Tensor, method: str = "gap", threshold: float = 1e-3, k: int = 1):
-    """Task-specific modules from the learned sigma^2 (Sec. 4.3).
+MIN_GAP = math.log(100.0)  # Sec. 4.3: task-independent sigma^2 "at least two orders of magnitude smaller"
 
-    ``threshold``: sigma_m^2 > threshold. ``topk``: the k largest. ``gap``: sort log sigma^2 in decreasing
-    order and cut at the largest gap between neighbours (the paper's "two orders of magnitude" separation).
+
+def selection(names, log_sigma2: torch.Tensor, method: str = "gap", threshold: float = 1e-3, k: int = 1,
+              min_gap: float = MIN_GAP) -> dict:
+    """Task-specific modules from the learned sigma^2 (Sec. 4.3), and why.
+
+    ``gap``: sort log sigma^2 in decreasing order and find the largest gap between neighbours. Only when that
+    gap is at least ``min_gap`` (default ln 100: the paper's "two orders of magnitude") are the modules above
+    it selected; otherwise sigma^2 has not separated and *every* module is task-specific (each still adapts
+    under its own learned prior). ``threshold``: sigma_m^2 > threshold. ``topk``: the k largest.
+
+    Returns ``{"method", "selected", "gap", "min_gap", "separated"}``: ``gap`` is the largest gap in
+    log sigma^2 (natural log; 0 for one module), ``separated`` whether the rule picked a strict subset.
     """
     ls = log_sigma2.detach().double().cpu()
     order = torch.argsort(ls, descending=True).tolist()
+    gaps = [float(ls[order[i]] - ls[order[i + 1]]) for i in range(len(order) - 1)]
+    gap = max(gaps, default=0.0)
     if method == "threshold":
         chosen = [i for i in order if float(ls[i].exp()) > threshold]
     elif method == "topk":
         chosen = order[:k]
     elif method == "gap":
-        if len(order) == 1:
-            chosen = order
-        else:
-            gaps = [float(ls[order[i]] - ls[order[i + 1]]) for i in range(len(order) - 1)]
-            chosen = order[: 1 + max(range(len(gaps)), key=gaps.__getitem__)]
+        chosen = order[: 1 + gaps.index(gap)] if gaps and gap >= min_gap else order
     else:
         raise ValueError(f"unknown selection method {method!r}")
-    return [names[i] for i in sorted(chosen)]
+    return {"method": method, "selected": [names[i] for i in sorted(chosen)], "gap": gap, "min_gap": float(min_gap),
+            "separated": 0 < len(chosen) < len(order)}
+
+
+def select_modules(names, log_sigma2: torch.Tensor, method: str = "gap", threshold: float = 1e-3, k: int = 1,
+                   min_gap: float = MIN_GAP) -> list:
+    """The selected module names of ``selection``."""
+    return selection(names, log_sigma2, method, threshold, k, min_gap)["selected"]
 
 
 @dataclass
@@ -109,18 +124,36 @@ class MetaModel:
     def sigma2(self):
         return sigma2(self.log_sigma2) if self.uses_prior else None
 
-    def selected_modules(self) -> list:
+    def selection(self) -> dict:
+        """Which modules are task-specific and why (``core.adapt.selection``); without learned sigma^2 every
+        module is (method ``none``)."""
         if not self.learns_sigma:
-            return list(self.partition.names)
+            return {"method": "none", "selected": list(self.partition.names), "gap": None, "min_gap": None,
+                    "separated": False}
         m = self.config["modules"]
-        return select_modules(self.partition.names, self.log_sigma2, m["selection"], m["threshold"], m["k"])
+        return selection(self.partition.names, self.log_sigma2, m["selection"], m["threshold"], m["k"],
+                         m.get("min_gap", MIN_GAP))
+
+    def selected_modules(self) -> list:
+        return self.selection()["selected"]
 
     def module_map(self) -> list:
-        selected = set(self.selected_modules())
+        """One entry per module: name, size, sigma^2 and whether it is selected; every entry also carries the
+        selection's ``gap`` (largest gap in log sigma^2) and ``separated`` flag, so a stored map says why."""
+        sel = self.selection()
+        selected = set(sel["selected"])
         s2 = self.sigma2()
         return [{"name": n, "n_params": int(self.partition.sizes[i]),
-                 "sigma2": float(s2[i]) if s2 is not None else None, "selected": n in selected}
+                 "sigma2": float(s2[i]) if s2 is not None else None, "selected": n in selected,
+                 "gap": sel["gap"], "separated": sel["separated"]}
                 for i, n in enumerate(self.partition.names)]
+
+    def lam(self, names, n_examples: int):
+        """Per-parameter prior precision lambda_m = w / sigma_m^2 for adapting ``names`` on ``n_examples``
+        support examples (w: ``Family.prior_weight``, Eq. 4's balance); None without a prior."""
+        if not (self.uses_prior and names):
+            return None
+        return per_param(self.partition, self.family.prior_weight(n_examples) / sigma2(self.log_sigma2), names)
 
     def resolve_modules(self, modules="selected") -> list:
         if modules == "selected":
@@ -160,7 +193,7 @@ class MetaModel:
         if self.rule is not None:
             return self._adapt_rule(xs, ys, steps, chosen, names, lr, on_step)
         opt = build_optimizer(inner["optimizer"], lr or inner["lr"], inner["betas"], inner["eps"])
-        lam = per_param(self.partition, 1.0 / sigma2(self.log_sigma2), names) if self.uses_prior else None
+        lam = self.lam(names, xs.shape[0])
         frozen = {k: v for k, v in self.phi.items() if k not in names}
         center = {k: self.phi[k] for k in names}
         theta = dict(center)

@@ -11,8 +11,13 @@ apply the outer optimizer) lives in ``core.trainer``; here each algorithm only d
   of Eq. 48 solved by preconditioned CG on Hessian-vector products (forward-over-reverse ``torch.func.jvp``
   of ``torch.func.grad``); the mixed derivatives are closed-form:
   d^2 l_train / d theta_m d phi_m = -I / sigma_m^2 and d^2 l_train / d theta_m d sigma_m^2 = -(theta_m - phi_m) / sigma_m^4.
-- parameter difference (``reptile``, ``sigma_reptile``): Delta_phi = phi - theta, or (phi_m - theta_m) / sigma_m^2
-  for sigma-Reptile (Eq. 10, MAP of phi), whose sigma^2 gets the implicit gradient.
+- parameter difference (``reptile``, ``sigma_reptile``): Delta_phi = phi - theta (theta adapted on support and query
+  together, the task's whole dataset), or lambda_m (phi_m - theta_m) for sigma-Reptile (Eq. 10, MAP of phi; theta
+  adapted on the support set), whose sigma^2 gets the implicit gradient from the query set.
+
+The prior's precision is lambda_m = w / sigma_m^2 with w = ``Family.prior_weight(n)``: 1 / n for the losses that
+average over a task's n examples (sinusoid, polynomial, images), 1 for summed ones, so that every family keeps
+Eq. 4's balance between the summed negative log-likelihood and the prior.
 """
 from __future__ import annotations
 
@@ -41,9 +46,14 @@ class Learner:
     def data_loss(self, params, x, y):
         return self.family.loss(apply(self.model, params, x), y)
 
-    def lam(self, log_sigma2):
-        """Per-parameter-tensor lambda = 1 / sigma_m^2."""
-        return per_param(self.partition, 1.0 / sigma2(log_sigma2))
+    def lam_modules(self, log_sigma2, xs):
+        """Per-module lambda_m = w / sigma_m^2 for a support set ``xs``, with w the family's ``prior_weight``
+        (1 / n for a loss averaged over the n support examples: Eq. 4's balance, see ``Family.prior_weight``)."""
+        return self.family.prior_weight(xs.shape[0]) / sigma2(log_sigma2)
+
+    def lam(self, log_sigma2, xs):
+        """Per-parameter-tensor lambda (``lam_modules`` broadcast to the parameters)."""
+        return per_param(self.partition, self.lam_modules(log_sigma2, xs))
 
     def adapt(self, phi, lam, xs, ys, steps=None, first_order=False):
         """Run the inner optimizer from theta = phi. Differentiable w.r.t. phi and lam unless first_order
@@ -110,8 +120,8 @@ class Algorithm:
             value = 0.0  # unused: no prior
         return torch.full((n_modules,), value, dtype=dtype, device=device)
 
-    def _lam(self, meta):
-        return self.learner.lam(meta["log_sigma2"]) if self.uses_prior else None
+    def _lam(self, meta, xs):
+        return self.learner.lam(meta["log_sigma2"], xs) if self.uses_prior else None
 
     def task_update(self, meta, xs, ys, xq, yq):
         raise NotImplementedError
@@ -137,7 +147,7 @@ class Backprop(Algorithm):
         """One inner step theta_{k+1} = U(theta_k, Phi) of a stateless inner optimizer, as a function of both."""
         L, inner = self.learner, self.learner.inner
         phi = m["phi"]
-        lam = L.lam(m["log_sigma2"]) if self.uses_prior else None
+        lam = L.lam(m["log_sigma2"], xs) if self.uses_prior else None
 
         def objective(th):
             loss = L.data_loss(th, xs, ys)
@@ -181,7 +191,7 @@ class Backprop(Algorithm):
             return delta, {"query_loss": loss}
 
         def query_loss(m):
-            lam = L.lam(m["log_sigma2"]) if self.uses_prior else None
+            lam = L.lam(m["log_sigma2"], xs) if self.uses_prior else None
             theta = L.adapt(m["phi"], lam, xs, ys, first_order=self.first_order)
             return L.data_loss(theta, xq, yq)
 
@@ -195,9 +205,10 @@ class _ImplicitMixin:
     hvp = "forward"  # Hessian-vector products by jvp of grad; "reverse" (vjp of grad) under torch.compile
     def implicit(self, meta, theta, xs, ys, xq, yq, damping):
         """u = H^-1 g_val with H = Hess(l_data) + Sigma^-1 + damping I (Eq. 48), preconditioned by
-        P = diag(max(sigma_m^-2 / 1e3, 1)) (App. D.2). Returns u, lam and CG diagnostics."""
+        P = diag(max(lambda_m / 1e3, 1)) (App. D.2), lambda_m = w / sigma_m^2 (``Learner.lam_modules``). Returns u,
+        lam and CG diagnostics."""
         L = self.learner
-        lam_m = 1.0 / sigma2(meta["log_sigma2"])
+        lam_m = L.lam_modules(meta["log_sigma2"], xs)
         lam = per_param(L.partition, lam_m)
         precond_inv = per_param(L.partition, 1.0 / torch.clamp(lam_m / 1e3, min=1.0))
         g_val, q_loss = grad_and_value(lambda th: L.data_loss(th, xq, yq))(theta)
@@ -214,7 +225,8 @@ class _ImplicitMixin:
         return u, lam, lam_m, {"query_loss": q_loss, "cg_residual": residual, "cg_iterations": iters}
 
     def sigma_delta(self, meta, theta, u, lam_m):
-        """d l_val / d log sigma_m^2 = u_m . (theta_m - phi_m) / sigma_m^2 (chain rule through sigma^2)."""
+        """d l_val / d log sigma_m^2 = u_m . (theta_m - phi_m) lambda_m (chain rule through lambda_m = w / sigma_m^2,
+        d lambda_m / d log sigma_m^2 = -lambda_m)."""
         P = self.learner.partition
         per_module = [sum((u[k] * (theta[k] - meta["phi"][k])).sum() for k in P.members(m))
                       for m in range(len(P.names))]
@@ -229,13 +241,15 @@ class Implicit(_ImplicitMixin, Algorithm):
         self.name = cfg["name"]
         self.learns_sigma = self.name == "sigma_imaml"
         self.uses_prior = True
-        # iMAML's damping d multiplies I in (1+d)I + H/lambda (Eq. 47); in Eq. 48's scale that is d * lambda.
-        self.damping = cfg["damping"] * cfg["lam"] if self.name == "imaml" else cfg["damping"]
-
     def task_update(self, meta, xs, ys, xq, yq):
         L = self.learner
-        theta = L.adapt(meta["phi"], self._lam(meta), xs, ys)
-        u, lam, lam_m, metrics = self.implicit(meta, theta, xs, ys, xq, yq, self.damping)
+        damping = self.cfg["damping"]
+        if self.name == "imaml":
+            # iMAML's damping d multiplies I in (1+d)I + H/lambda (Eq. 47); in Eq. 48's scale that is d * lambda,
+            # with lambda the effective precision lam * w (``Learner.lam_modules``)
+            damping = damping * self.cfg["lam"] * L.family.prior_weight(xs.shape[0])
+        theta = L.adapt(meta["phi"], self._lam(meta, xs), xs, ys)
+        u, lam, lam_m, metrics = self.implicit(meta, theta, xs, ys, xq, yq, damping)
         delta = {"phi": {k: lam[k] * u[k] for k in u}}
         if self.learns_sigma:
             delta["log_sigma2"] = self.sigma_delta(meta, theta, u, lam_m)
@@ -256,10 +270,14 @@ class ReptileFamily(_ImplicitMixin, Algorithm):
     def task_update(self, meta, xs, ys, xq, yq):
         L = self.learner
         phi = meta["phi"]
-        theta = L.adapt(phi, self._lam(meta), xs, ys)
         if not self.learns_sigma:
+            # Reptile adapts on the task's whole dataset D_t (Sec. 2: "Reptile instead optimizes theta_t on the
+            # entire dataset"); the query loss it reports is then a training loss, not a held-out one
+            x_all, y_all = torch.cat([xs, xq]), torch.cat([ys, yq])
+            theta = L.adapt(phi, None, x_all, y_all)
             delta = {"phi": {k: phi[k] - theta[k] for k in phi}, "log_sigma2": torch.zeros_like(meta["log_sigma2"])}
             return delta, {"query_loss": L.data_loss(theta, xq, yq), "support_loss": L.data_loss(theta, xs, ys)}
+        theta = L.adapt(phi, self._lam(meta, xs), xs, ys)
         u, lam, lam_m, metrics = self.implicit(meta, theta, xs, ys, xq, yq, self.cfg["damping"])
         delta = {"phi": {k: lam[k] * (phi[k] - theta[k]) for k in phi},
                  "log_sigma2": self.sigma_delta(meta, theta, u, lam_m)}

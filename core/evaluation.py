@@ -20,7 +20,7 @@ import torch
 from torch.func import grad, vmap
 
 from .models import apply
-from .modules import per_param, prior_penalty, sigma2
+from .modules import prior_penalty
 from .optim import build_optimizer
 
 DEFAULT_STEPS = (0, 1, 5, 10, 50)
@@ -59,15 +59,15 @@ class _Adapter:
         inner = mm.config["inner"]
         self.mm = mm
         self.opt = build_optimizer(inner["optimizer"], lr or inner["lr"], inner["betas"], inner["eps"])
-        self.lam = per_param(mm.partition, 1.0 / sigma2(mm.log_sigma2), names) if (mm.uses_prior and names) else None
+        self.names = names
+        self.lam = None  # set per batch: lambda depends on the support-set size (``MetaModel.lam``)
         self.frozen = {k: v for k, v in mm.phi.items() if k not in names}
         self.center = {k: mm.phi[k] for k in names}
-        self.prior_in_loss = bool(self.lam) and not self.opt.proximal
         self.kind = mm.kind
 
     def _objective(self, theta, xs, ys):
         loss = self.mm.loss({**self.frozen, **theta}, xs, ys)
-        if self.prior_in_loss:
+        if self.lam and not self.opt.proximal:
             loss = loss + prior_penalty(theta, self.center, self.lam)
         return loss
 
@@ -102,6 +102,7 @@ class _Adapter:
         """Per-task query metric [len(steps), B] at each of ``steps`` (sorted, distinct)."""
         xs, ys, xq, yq = batch
         b = xs.shape[0]
+        self.lam = self.mm.lam(self.names, xs.shape[1])
         theta = {k: v.unsqueeze(0).expand(b, *v.shape).clone() for k, v in self.center.items()}
         state = self.opt.init(theta) if theta else {}
         want, out = set(steps), {}

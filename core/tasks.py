@@ -39,9 +39,20 @@ class Family:
     output_dim: int = 1
     param_dim: int = 0  # identity model only
     transform = None
+    loss_reduction = "mean"  # "mean" over a task's examples, or "sum" (the negative log-likelihood of Eq. 4)
 
     def loss(self, pred, y):
         return ((pred - y) ** 2).mean()
+
+    def prior_weight(self, n_examples: int) -> float:
+        """The factor on the prior's precision that keeps Eq. 4's balance for this family's loss.
+
+        Eq. 4 puts the task's summed negative log-likelihood beside -log N(theta | phi, sigma^2 I). A loss that
+        is the *mean* over the task's n examples is that sum divided by n, so the same minimiser (and the same
+        meaning of sigma^2) needs the prior divided by n too: lambda_m = 1 / (n sigma_m^2). Families whose loss
+        is already a sum (``hierarchical_normal``) use lambda_m = 1 / sigma_m^2. ``n_examples`` is the size of
+        the set being adapted to (the support set; at meta-test whatever the user sends)."""
+        return 1.0 / n_examples if self.loss_reduction == "mean" else 1.0
 
     def sample(self, n: int, generator: torch.Generator, split: str = "train") -> TaskBatch:
         raise NotImplementedError
@@ -173,6 +184,7 @@ class HierarchicalNormal(Family):
 
     kind = "density"
     input_shape = (0,)
+    loss_reduction = "sum"
 
     def __init__(self, variant="univariate", shots=10, query=10, phi_true=0.0, sigma2_true=1.0, n_tasks=None,
                  seed=0):

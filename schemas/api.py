@@ -56,9 +56,20 @@ class ModuleEntry(BaseModel):
     selected: bool
 
 
+class SelectionOut(BaseModel):
+    """Why the selected modules were selected (Sec. 4.3): ``gap`` is the largest gap between neighbouring
+    natural-log sigma^2; with selection 'gap' a strict subset is selected (``separated``) only when it is at
+    least ``min_gap``, otherwise every module is task-specific. ``method`` 'none': no learned sigma^2."""
+    method: str
+    gap: Optional[float] = None
+    min_gap: Optional[float] = None
+    separated: bool
+
+
 class ModulesOut(BaseModel):
     step: int
     modules: list[ModuleEntry]
+    selection: SelectionOut
     steps: list[int] = Field(default_factory=list, description="every step with a recorded module map")
 
 
@@ -85,6 +96,7 @@ class ModelOut(_Out):
     config: dict[str, Any]
     module_map: list[ModuleEntry]
     selected_modules: list[str]
+    selection: SelectionOut
     selected_share: float = Field(description="share of the parameters in the selected task-specific modules")
     sha256: str
     bytes: int
@@ -112,7 +124,10 @@ class AdaptRequest(BaseModel):
     support: SupportSet
     query: QuerySet
     steps: int = Field(100, ge=0)
-    modules: Union[Literal["selected", "all"], list[str]] = "selected"
+    modules: Union[Literal["selected", "all"], list[str]] = Field(
+        "selected", description="selected (default): the modules the learned sigma^2 selects (modules.selection): "
+        "every module, each under its learned prior, unless sigma^2 separated by modules.min_gap, then the ones "
+        "above the gap; all modules for algorithms without sigma^2. all: every module. Or a list of module names")
     save_adapter: bool = Field(False, description="store the adapted task-specific tensors; returns adapter_id")
 
 
@@ -129,7 +144,10 @@ class EvaluationRequest(BaseModel):
     n_tasks: int = Field(600, ge=1, le=100_000)
     steps: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0, 1, 5, 10, 50],
                                                      min_length=1, max_length=64)
-    modules: Union[Literal["selected", "all", "each"], list[str]] = "selected"
+    modules: Union[Literal["selected", "all", "each"], list[str]] = Field(
+        "selected", description="selected (default): the modules the learned sigma^2 selects (modules.selection): "
+        "every module, each under its learned prior, unless sigma^2 separated by modules.min_gap, then the ones "
+        "above the gap; all modules for algorithms without sigma^2. all: every module. each: one module at a time. Or a list of module names")
     split: Literal["train", "val", "test"] = "test"
     seed: int = Field(0, ge=0, le=2**63 - 1)
 

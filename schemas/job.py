@@ -152,9 +152,16 @@ class Modules(Strict):
     groups: Optional[dict[str, list[str]]] = Field(
         None, description="module name -> fnmatch patterns over parameter names (partition='groups')"
     )
-    selection: Literal["gap", "threshold", "topk"] = Field("gap", description="Sec. 4.3 task-specific module selection")
-    threshold: PositiveFloat = 1e-3
-    k: int = Field(1, ge=1)
+    selection: Literal["gap", "threshold", "topk"] = Field(
+        "gap", description="Sec. 4.3 task-specific module selection. gap: the modules above the largest gap in "
+        "log sigma^2, only when that gap is at least min_gap (sigma^2 separated); otherwise every module is "
+        "task-specific and adapts under its learned prior (what the paper scores few-shot accuracy with)")
+    min_gap: float = Field(
+        math.log(100.0), ge=0, allow_inf_nan=False,
+        description="selection 'gap': the smallest gap in natural-log sigma^2 that counts as a separation "
+                    "(default ln 100, Sec. 4.3's 'at least two orders of magnitude')")
+    threshold: PositiveFloat = Field(1e-3, description="selection 'threshold': sigma^2 above this value")
+    k: int = Field(1, ge=1, description="selection 'topk': the k largest sigma^2")
 
     @model_validator(mode="after")
     def _groups(self):
@@ -335,8 +342,14 @@ class Inner(Strict):
     optimizer: Optional[Literal["sgd", "adam", "proximal_gd", "proximal_adam"]] = Field(
         None, description="default: proximal_gd for the sigma algorithms and imaml, sgd otherwise"
     )
-    lr: PositiveFloat = 0.01
-    steps: int = Field(5, ge=1, le=10000)
+    lr: Optional[PositiveFloat] = Field(
+        None, description="default by task family: 0.4 for image_classes (Finn et al.'s Omniglot step size, which "
+        "the shrinkage variants share in docs/results/omniglot.md), 0.01 otherwise (Finn et al.'s sinusoid step "
+        "size; docs/results/sinusoid.md)")
+    steps: Optional[int] = Field(
+        None, ge=1, le=10000, description="inner steps during meta-training; default 5, except 1 for the MAML "
+        "family (maml, fomaml, sigma_maml) on image_classes (Finn et al.'s 5-way 1-shot Omniglot). Reptile's "
+        "update and the implicit gradients need an adapted theta, so they keep 5 (Nichol et al.'s Omniglot count)")
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
     eps: PositiveFloat = 1e-8
 
@@ -388,7 +401,8 @@ class Run(Strict):
     validation_steps: Optional[int] = Field(
         None, ge=0, le=10000, description="adaptation steps on each validation task; None = inner.steps")
     validation_modules: Literal["all", "selected"] = Field(
-        "all", description="modules adapted during validation: all (as in meta-training) or the selected ones")
+        "selected", description="modules adapted during validation: selected (the default everywhere: every "
+        "module under its learned prior unless sigma^2 separated, modules.selection) or all")
     patience: Optional[int] = Field(
         None, ge=1, description="stop after this many validations without improvement; None = never stop early")
     min_delta: float = Field(0.0, ge=0, allow_inf_nan=False,
@@ -419,6 +433,11 @@ class JobConfig(Strict):
             self.inner.optimizer = "proximal_gd" if (name in SIGMA_ALGORITHMS or name == "imaml") else "sgd"
         fam, arch = self.tasks.family, self.model.arch
         name = self.algorithm.name
+        image = fam in IMAGE_FAMILIES
+        if self.inner.lr is None:
+            self.inner.lr = 0.4 if image else 0.01
+        if self.inner.steps is None:  # Reptile and implicit gradients need more than one step to say anything
+            self.inner.steps = 1 if (image and name in ("maml", "fomaml", "sigma_maml")) else 5
         if name in BASELINE_ALGORITHMS:
             if self.inner.optimizer != "sgd":
                 raise ValueError(f"algorithm '{name}' uses plain gradient inner steps: inner.optimizer must be 'sgd'")

@@ -78,7 +78,7 @@ def test_conjugate_gradient_solves_spd_system_and_reports():
 # ---------------------------------------------------------------------------------- sigma-MAML
 def _query_loss_fn(alg, learner, xs, ys, xq, yq):
     def J(meta):
-        lam = learner.lam(meta["log_sigma2"]) if alg.uses_prior else None
+        lam = learner.lam(meta["log_sigma2"], xs) if alg.uses_prior else None
         theta = learner.adapt(meta["phi"], lam, xs, ys, first_order=False)
         return learner.data_loss(theta, xq, yq)
     return J
@@ -116,7 +116,7 @@ def test_first_order_drops_only_the_second_order_terms():
 # ---------------------------------------------------------------------------------- sigma-iMAML
 def _converge(learner, meta, xs, ys, theta):
     """Newton iterations on l_train = data loss + prior, to machine precision."""
-    lam = learner.lam(meta["log_sigma2"])
+    lam = learner.lam(meta["log_sigma2"], xs)
     phi = meta["phi"]
 
     def ltrain(vec):
@@ -131,7 +131,7 @@ def _converge(learner, meta, xs, ys, theta):
 
 def _dense_implicit(learner, meta, task):
     """-g_val H^-1 H_{theta Phi} with a materialised Hessian (test only), Phi = (phi, log sigma^2)."""
-    theta, ltrain = _converge(learner, meta, task.xs, task.ys, learner.adapt(meta["phi"], learner.lam(meta["log_sigma2"]), task.xs, task.ys))
+    theta, ltrain = _converge(learner, meta, task.xs, task.ys, learner.adapt(meta["phi"], learner.lam(meta["log_sigma2"], task.xs), task.xs, task.ys))
     v = flat(theta)
     H = hessian(ltrain)(v)
     assert torch.linalg.eigvalsh(H).min() > 0  # a strict local minimum: the implicit function theorem applies
@@ -139,7 +139,7 @@ def _dense_implicit(learner, meta, task):
 
     def grad_theta(phi_vec, ls):
         m = {"phi": unflat(phi_vec, meta["phi"]), "log_sigma2": ls}
-        lam = learner.lam(ls)
+        lam = learner.lam(ls, task.xs)
         return grad(lambda vec: learner.data_loss(unflat(vec, m["phi"]), task.xs, task.ys)
                     + prior_penalty(unflat(vec, m["phi"]), m["phi"], lam))(v)
 
@@ -173,19 +173,23 @@ def test_sigma_imaml_matches_dense_hessian_solve_and_finite_differences():
 
 def test_appendix_b2_constant_sigma2_gives_imaml_meta_gradient():
     lam, d = 2.0, 0.3
-    cfg = alg_cfg("sigma_imaml", cg_steps=80, damping=d * lam)  # d-tilde = d * lambda (App. D.2)
+    _, learner, _, batch = make("mlp", alg_cfg("imaml", lam=lam), inner="proximal_gd", lr=0.1, steps=60)
+    task = batch.task(2)
+    # the effective precision on the family's mean loss: lambda * w, w = 1 / n_support (Eq. 4's balance)
+    lam_eff = lam * learner.family.prior_weight(task.xs.shape[0])
+    assert lam_eff == lam / task.xs.shape[0]
+    cfg = alg_cfg("sigma_imaml", cg_steps=80, damping=d * lam_eff)  # d-tilde = d * lambda (App. D.2)
     alg, learner, meta, batch = make("mlp", cfg, inner="proximal_gd", lr=0.1, steps=60)
     meta["log_sigma2"] = torch.full_like(meta["log_sigma2"], -math.log(lam))
     imaml, _, _, _ = make("mlp", alg_cfg("imaml", lam=lam, damping=d, cg_steps=80), inner="proximal_gd", lr=0.1, steps=60)
-    task = batch.task(2)
     d_sigma, _ = alg.task_update(meta, *task)
     d_imaml, _ = imaml.task_update(meta, *task)
     # Eq. 47 with a dense Hessian of the data loss at the same adapted theta
-    theta = learner.adapt(meta["phi"], learner.lam(meta["log_sigma2"]), task.xs, task.ys)
+    theta = learner.adapt(meta["phi"], learner.lam(meta["log_sigma2"], task.xs), task.xs, task.ys)
     v = flat(theta)
     H = hessian(lambda vec: learner.data_loss(unflat(vec, meta["phi"]), task.xs, task.ys))(v)
     gval = grad(lambda vec: learner.data_loss(unflat(vec, meta["phi"]), task.xq, task.yq))(v)
-    ref = torch.linalg.solve((1 + d) * torch.eye(len(v), dtype=v.dtype) + H / lam, gval)
+    ref = torch.linalg.solve((1 + d) * torch.eye(len(v), dtype=v.dtype) + H / lam_eff, gval)
     assert torch.allclose(flat(d_sigma["phi"]), ref, atol=1e-6, rtol=0)
     assert torch.allclose(flat(d_imaml["phi"]), ref, atol=1e-6, rtol=0)
     assert torch.all(d_imaml["log_sigma2"] == 0)  # iMAML's lambda is fixed
@@ -208,10 +212,13 @@ def test_large_sigma2_sigma_reptile_takes_reptile_direction():
     rep, _, _, _ = make("mlp", alg_cfg("reptile"), inner="sgd", lr=0.05, steps=5)
     meta["log_sigma2"] = torch.full_like(meta["log_sigma2"], math.log(1e5))
     task = batch.task(0)
-    a, _ = sr.task_update(meta, *task)
+    # Reptile adapts on the task's whole dataset (support + query); give sigma-Reptile that as its support set
+    x_all, y_all = torch.cat([task.xs, task.xq]), torch.cat([task.ys, task.yq])
+    a, _ = sr.task_update(meta, x_all, y_all, task.xq, task.yq)
     b, _ = rep.task_update(meta, *task)
-    # sigma-Reptile's phi update times sigma^2 (a learning rate proportional to sigma^2) is Reptile's phi - theta
-    scaled = flat(a["phi"]) * 1e5
+    # sigma-Reptile's phi update divided by lambda = w / sigma^2 (a learning rate proportional to sigma^2) is
+    # Reptile's phi - theta
+    scaled = flat(a["phi"]) * 1e5 / sr.learner.family.prior_weight(x_all.shape[0])
     assert torch.nn.functional.cosine_similarity(scaled, flat(b["phi"]), dim=0) > 1 - 1e-9
     assert (scaled - flat(b["phi"])).norm() / flat(b["phi"]).norm() < 1e-5
 

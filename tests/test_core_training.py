@@ -5,7 +5,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from core import MetaModel, MetaTrainer, PartitionError, build_partition, inverse_gamma_penalty, select_modules
+from core import (MetaModel, MetaTrainer, PartitionError, build_partition, inverse_gamma_penalty, select_modules,
+                  selection)
 from core.modules import sigma2
 from schemas import JobConfig
 
@@ -54,6 +55,40 @@ def test_module_selection_rules():
     assert select_modules(names, ls, "gap") == ["b", "d"]
     assert select_modules(names, ls, "threshold", threshold=1.0) == ["b"]
     assert select_modules(names, ls, "topk", k=3) == ["a", "b", "d"]
+
+
+def test_gap_selection_needs_a_separation():
+    names = ["a", "b", "c", "d"]
+    # clear separation (four orders of magnitude): only the modules above the gap
+    sel = selection(names, torch.log(torch.tensor([1e-4, 2.0, 1e-5, 0.5])))
+    assert sel["selected"] == ["b", "d"] and sel["separated"]
+    assert sel["gap"] == pytest.approx(math.log(0.5 / 1e-4)) and sel["min_gap"] == pytest.approx(math.log(100))
+    # sigma^2 between 0.80 and 1.12 (the quick-start case of issue 10): no separation, every module adapts
+    flat = torch.log(torch.tensor([0.80, 1.12, 1.11, 0.95]))
+    sel = selection(names, flat)
+    assert sel["selected"] == names and not sel["separated"] and sel["gap"] < math.log(100)
+    # a 50x gap is below the default two orders of magnitude, above a user's min_gap of ln 10
+    ls = torch.log(torch.tensor([1.0, 50.0, 0.9, 1.1]))
+    assert select_modules(names, ls, "gap") == names
+    assert select_modules(names, ls, "gap", min_gap=math.log(10)) == ["b"]
+    # one module: selected, nothing separated
+    assert selection(["a"], torch.zeros(1)) == {"method": "gap", "selected": ["a"], "gap": 0.0,
+                                                 "min_gap": pytest.approx(math.log(100)), "separated": False}
+
+
+def test_unseparated_sigma2_adapts_every_module_by_default():
+    cfg = JobConfig.model_validate({"algorithm": {"name": "sigma_maml"}, "model": {"arch": "mlp"},
+                                    "modules": {"partition": "per_tensor"}, "tasks": {"family": "sinusoid"},
+                                    "outer": {"steps": 1}}).model_dump()
+    mm = MetaTrainer(cfg).meta_model()
+    mm.log_sigma2 = torch.log(torch.tensor([0.8, 1.1, 0.9, 1.0, 1.12, 0.95]))
+    assert mm.selected_modules() == list(mm.partition.names)
+    assert all(not e["separated"] for e in mm.module_map())
+    task = mm.family.sample(1, torch.Generator().manual_seed(0), "test").task(0)
+    assert mm.adapt(task.xs, task.ys, steps=2).adapted_modules == list(mm.partition.names)
+    mm.log_sigma2 = torch.log(torch.tensor([5.0, 3.0, 1e-4, 1e-4, 1e-5, 1e-4]))
+    assert mm.selected_modules() == ["fc0.weight", "fc0.bias"]
+    assert all(e["separated"] for e in mm.module_map())
 
 
 # ---------------------------------------------------------------------------------- schema

@@ -25,7 +25,7 @@ class Validation:
         self.n_tasks = int(run.get("validation_tasks") or 100)
         steps = run.get("validation_steps")
         self.steps = int(cfg["inner"]["steps"] if steps is None else steps)
-        self.modules = run.get("validation_modules") or "all"
+        self.modules = run.get("validation_modules") or "selected"
         self.patience = run.get("patience")
         self.min_delta = float(run.get("min_delta") or 0.0)
         self.seed = (int(cfg.get("seed", 0)) + VAL_SEED_OFFSET) % 2**63
