@@ -24,7 +24,12 @@ class Strict(BaseModel):
 
 # --------------------------------------------------------------------------- algorithms
 class _Shrinkage(Strict):
-    init_sigma2: PositiveFloat = Field(1.0, description="initial sigma^2 of every module (clipped to [1e-5, 1e5])")
+    init_sigma2: PositiveFloat = Field(
+        1.0, description="initial sigma^2 of every module (clipped to [1e-5, 1e5]), on Eq. 4's scale: the prior's "
+        "precision on a loss averaged over n examples is 1 / (n sigma^2) (Family.prior_weight). With 1.0 a proximal "
+        "step at the default inner learning rates keeps 1 / (1 + lr / (n sigma^2)) of the move (0.999 on sinusoid, "
+        "0.93 on 5-way 1-shot Omniglot), so a sigma variant starts in its special case's regime and learns how much "
+        "to shrink; measured in docs/results/sinusoid.md and docs/results/omniglot_5way.md")
     ig_beta: float = Field(
         1e-5, ge=0, allow_inf_nan=False,
         description="scale beta of the inverse-Gamma(1, beta) regulariser on sigma^2 (App. D.2, Eq. 49); 0 disables it",
@@ -65,7 +70,9 @@ class SigmaIMAML(_Shrinkage, _Implicit):
 
 class IMAML(_Implicit):
     name: Literal["imaml"]
-    lam: PositiveFloat = Field(1.0, description="L2 regularisation scale lambda = 1/sigma^2 (fixed)")
+    lam: PositiveFloat = Field(1.0, description="L2 regularisation scale lambda = 1/sigma^2 (fixed), on Eq. 4's "
+                               "scale like sigma^2: the precision on a loss averaged over n examples is lambda / n "
+                               "(the paper's best Omniglot value 0.025, App. E.4.3, is on its own loss scale)")
     damping: float = Field(0.0, ge=0, allow_inf_nan=False, description="d of Eq. 47")
 
 

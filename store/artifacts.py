@@ -82,7 +82,10 @@ class LocalArtifactStore:
             raise ArtifactError(f"artifact {uri} does not match its recorded sha256")
         with safe_open(str(p), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("metashrink", "{}"))
-        return load_file(str(p)), meta
+        # owned copies: load_file can hand back views into the file buffer at addresses that are not 64-byte
+        # aligned, and kernels then round differently from the uninterrupted run (issue 11: a resumed job must
+        # continue bit for bit); a fresh allocation is aligned
+        return {k: v.clone() for k, v in load_file(str(p)).items()}, meta
 
     def delete(self, uri: str):
         try:

@@ -18,6 +18,9 @@ def train(body: dict, cpu_seconds: float | None = None, warmup: bool = False):
     time (an equal CPU budget across methods, independent of what else runs on the machine). ``warmup``:
     run the first meta-step (lazy imports, the first vmap trace) before the clock starts, so that the
     method run first in a process is not charged for it."""
+    # each trainer compiles its own meta-step; dynamo's per-function recompile limit (8) counts them all, and past it
+    # the step silently runs eager, so every run starts from a clean dynamo state
+    torch._dynamo.reset()
     trainer = MetaTrainer(JobConfig.model_validate(body).model_dump())
     if warmup:
         trainer.step()
