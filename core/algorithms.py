@@ -10,7 +10,7 @@ apply the outer optimizer) lives in ``core.trainer``; here each algorithm only d
 - implicit (``imaml``, ``sigma_imaml``): Delta = -g_val H^-1 H_{theta Phi} (Eq. 7) with H the damped Hessian
   of Eq. 48 solved by preconditioned CG on Hessian-vector products (forward-over-reverse ``torch.func.jvp``
   of ``torch.func.grad``); the mixed derivatives are closed-form:
-  d^2 l_train / d theta_m d phi_m = -I / sigma_m^2 and d^2 l_train / d theta_m d sigma_m^2 = -(theta_m - phi_m) / sigma_m^4.
+  d^2 l_train / d theta_m d phi_m = -lambda_m I and d^2 l_train / d theta_m d log sigma_m^2 = -lambda_m (theta_m - phi_m).
 - parameter difference (``reptile``, ``sigma_reptile``): Delta_phi = phi - theta (theta adapted on support and query
   together, the task's whole dataset), or lambda_m (phi_m - theta_m) for sigma-Reptile (Eq. 10, MAP of phi; theta
   adapted on the support set), whose sigma^2 gets the implicit gradient from the query set.
@@ -241,6 +241,7 @@ class Implicit(_ImplicitMixin, Algorithm):
         self.name = cfg["name"]
         self.learns_sigma = self.name == "sigma_imaml"
         self.uses_prior = True
+
     def task_update(self, meta, xs, ys, xq, yq):
         L = self.learner
         damping = self.cfg["damping"]
