@@ -363,10 +363,15 @@ class Inner(Strict):
 
 class Outer(Strict):
     optimizer: Literal["adam", "sgd"] = "adam"
-    meta_batch: int = Field(25, ge=1, le=4096)
+    meta_batch: int = Field(25, ge=1, le=4096, description="tasks per meta-step (Finn et al.'s sinusoid value)")
     steps: int = Field(1000, ge=1, le=10_000_000)
-    lr_phi: PositiveFloat = 1e-3
-    lr_log_sigma2: PositiveFloat = Field(1e-3, description="used by the sigma algorithms only")
+    lr_phi: PositiveFloat = Field(
+        1e-3, description="outer learning rate of phi: Finn et al.'s Adam rate for sinusoid and Omniglot, with which "
+        "every shrinkage variant matches its special case in docs/results/omniglot_5way.md and the defaults table "
+        "of docs/results/sinusoid.md (that file's tuning grid prefers 3e-3 for every method on sinusoid)")
+    lr_log_sigma2: PositiveFloat = Field(
+        1e-3, description="outer learning rate of log sigma^2 (sigma algorithms only); equal to lr_phi's default, "
+        "measured with it in docs/results/")
     lr_extra: Optional[PositiveFloat] = Field(
         None, description="outer learning rate of an algorithm's own meta-learned tensors (Meta-SGD's learning "
                           "rates, T-net's T, MT-net's zeta, hyper-representation's eta); None = lr_phi")
