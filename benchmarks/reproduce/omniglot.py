@@ -75,26 +75,38 @@ def _at(ev, step, modules=None):
     return next(r for r in ev["results"] if r["step"] == step and (modules is None or r["modules"] == modules))
 
 
+def _groups(out):
+    """[(meta-steps, [methods])] in method order."""
+    by = {}
+    for m, r in out.items():
+        by.setdefault(r["config"]["outer"]["steps"], []).append(m)
+    return list(by.items())
+
+
 def report(ways):
     out = {m: json.load(open(_path(ways, m))) for m in METHODS if os.path.exists(_path(ways, m))}
     any_ = next(iter(out.values()))
     cfg = any_["config"]
     n_tasks = _at(any_["eval"], 0)["n"]
     lines = [f"# Few-shot Omniglot, {ways}-way 1-shot, held-out characters", "",
-             f"Regenerate: `python -m benchmarks.reproduce.omniglot run --ways {ways} --meta-steps "
-             f"{cfg['outer']['steps']}` then `python -m benchmarks.reproduce.omniglot report --ways {ways}` "
-             "(protocol in the module docstring).", "",
+             "Regenerate: " + "; ".join(f"`python -m benchmarks.reproduce.omniglot run --ways {ways} --methods "
+                                        f"{' '.join(ms)} --meta-steps {n} --tasks {n_tasks}`" for n, ms in _groups(out))
+             + f"; then `python -m benchmarks.reproduce.omniglot report --ways {ways}` (protocol in the module "
+             "docstring).", "",
              f"Machine: {machine()}. conv4, {cfg['model']['channels']} channels (stride 2, batch-norm with batch "
-             f"statistics), meta-batch {cfg['outer']['meta_batch']}, {cfg['outer']['steps']} meta-steps, "
+             f"statistics), meta-batch {cfg['outer']['meta_batch']}, each pair at equal meta-steps (table below), "
              f"5 query images per class; every optimisation setting at the schema default (inner lr "
              f"{cfg['inner']['lr']}). Test accuracy on {n_tasks} held-out tasks (the same tasks for every "
              "method), default modules; ± is the 95% CI half-width over tasks. Chance is "
              f"{1 / ways:.3f}.", "",
              "## Equal meta-steps", ""]
     lines += results_table([(m, r["eval"]) for m, r in out.items()], STEPS)
-    inner = {m: f"{r['config']['inner']['optimizer']}, lr {r['config']['inner']['lr']}, "
-                f"{r['config']['inner']['steps']} step(s)" for m, r in out.items()}
-    lines += ["", "Inner loop during meta-training: " + "; ".join(f"{m}: {v}" for m, v in inner.items()) + ".", ""]
+    lines += ["", "| method | meta-steps | inner loop in meta-training | CPU s |", "|---|---|---|---|"]
+    for m, r in out.items():
+        c = r["config"]
+        lines.append(f"| {m} | {c['outer']['steps']} | {c['inner']['optimizer']}, lr {c['inner']['lr']}, "
+                     f"{c['inner']['steps']} step(s) | {r['snapshots'][-1]['cpu_s']:.0f} |")
+    lines += [""]
     lines += ["## Each shrinkage variant against its special case", "",
               "| pair | step | shrinkage | special case | difference | verdict |", "|---|---|---|---|---|---|"]
     for a, b in PAIRS:
