@@ -159,14 +159,15 @@ def report():
              "## Tuning (equal budget: the same 4-point grid per method, scored on val)", "",
              "| method | " + " | ".join(f"lr_phi {g['lr_phi']:g}, inner lr {g['inner_lr']:g}" for g in GRID)
              + " | chosen |", "|---|" + "---|" * (len(GRID) + 1)]
-    for m in methods:
+    for m in [m for m in METHODS if os.path.exists(_path("tune", m))]:
         t = _load("tune", m)
         lines.append(f"| {m} | " + " | ".join(f"{r['score']:.4f}" for r in t["grid"])
                      + f" | lr_phi {t['best']['lr_phi']:g}, inner lr {t['best']['inner_lr']:g} |")
     lines += ["", f"Score: mean of the val query MSE after 10 and after 100 adaptation steps, 200 val tasks, seed "
               f"{TUNE_SEED}, {TUNE_STEPS} meta-steps per grid point.", "",
               f"## Final runs: {FINAL_SEEDS} seeds x {fin[methods[0]]['meta_steps'] if methods else FINAL_STEPS} "
-              "meta-steps each", "",
+              "meta-steps each, with each method's chosen grid point", "",
+              "Methods with final runs: " + ", ".join(methods) + " (`final --methods " + " ".join(methods) + "`).", "",
               "| method | CPU s / seed | " + " | ".join(f"step {s}" for s in STEPS) + " |",
               "|---|---|" + "---|" * len(STEPS)]
     curves = {}
@@ -213,7 +214,7 @@ def report():
             lines += [f"**{m}**", ""] + _each_table(fin[m]["seeds"], names) + [""]
     dm = [m for m in METHODS if os.path.exists(_path("defaults", m))]
     if dm:
-        lines += ["## Defaults: configs that name only the algorithm, the model and the task family", "",
+        lines += ["", "## Defaults: configs that name only the algorithm, the model and the task family", "",
                   "`" + json.dumps(default_body("sigma_maml", 0)) + "` (seed 0..4; 1,000 meta-steps, every other "
                   "field at its schema default). Query MSE on 100 test tasks per seed, default modules.", "",
                   "| method | step 0 | step 10 | step 100 | step-100 MSE / maml's |", "|---|---|---|---|---|"]
@@ -248,6 +249,10 @@ def _claims(fin) -> list:
         out.append(f"- {m}: the first layer (fc0 weight or bias) has the largest sigma^2 in {first}/{len(seeds)} "
                    f"seeds (App. E.3 claims the first layer is the task-specific one).")
     for m, r in fin.items():
+        long = [mean_ci([_at(s["long"], k)["mean"] for s in r["seeds"]])["mean"] for k in LONG_STEPS]
+        ratio = long[-1] / min(long)
+        out.append(f"- {m}, 5 support points: MSE at 10,000 steps is {ratio:.2f}x its best on the schedule ("
+                   + ("overfits" if ratio > 1.1 else "no overfitting beyond 10%") + ").")
         best = min(STEPS, key=lambda s: pooled(r["seeds"], s)["mean"])
         last = pooled(r["seeds"], STEPS[-1])["mean"]
         out.append(f"- {m}: lowest mean MSE at step {best}; at step {STEPS[-1]} it is "
