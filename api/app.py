@@ -79,7 +79,8 @@ def selection_view(entries: list, config: dict) -> dict:
     mods = config.get("modules", {})
     n_sel = sum(1 for e in entries if e["selected"])
     return {"method": mods.get("selection", "gap"), "gap": max((a - b for a, b in zip(logs, logs[1:])), default=0.0),
-            "min_gap": mods.get("min_gap", math.log(100.0)), "separated": 0 < n_sel < len(entries)}
+            "min_gap": mods.get("min_gap", math.log(100.0)),  # configs stored before min_gap existed
+            "separated": 0 < n_sel < len(entries)}
 
 
 def model_view(m: MetaModelRow) -> dict:
@@ -88,7 +89,8 @@ def model_view(m: MetaModelRow) -> dict:
     share = sum(r["n_params"] for r in m.module_map if r["selected"]) / total
     return {"id": m.id, "job_id": m.job_id, "kind": m.kind, "input_shape": m.input_shape,
             "output_dim": m.output_dim, "config": m.config, "module_map": m.module_map, "selected_modules": sel,
-            "selection": selection_view(m.module_map, m.config), "selected_share": share, "sha256": m.sha256, "bytes": m.bytes, "created_at": m.created_at}
+            "selection": selection_view(m.module_map, m.config), "selected_share": share, "sha256": m.sha256,
+            "bytes": m.bytes, "created_at": m.created_at}
 
 
 def dataset_view(d: Dataset) -> dict:

@@ -6,10 +6,11 @@ special case at equal meta-steps, with the service's default hyperparameters.
 
 Protocol (the same for every method; nothing is tuned per method, so every method has the same tuning budget:
 zero): the job config names the algorithm, ``conv4`` and the ``image_classes`` Omniglot family with ways and
-shots; every optimisation setting is the schema default (inner: 1 step at lr 0.4 for the MAML and iMAML
-families, 5 for the Reptile family; Adam outer at lr_phi 1e-3 and lr_log_sigma2 1e-3; init sigma^2 1;
-iMAML lambda 1). CPU-scale deviations from the paper, stated in the report: conv4 with 32 channels instead of
-64, meta-batch 8, 5 query images per class, a few thousand meta-steps instead of 60k-100k. The characters of the
+shots; every optimisation setting is the schema default (inner lr 0.4: 1 step for the MAML family, 5 for the
+Reptile and iMAML families; Adam outer at lr_phi 1e-3, 1e-2 for the Reptile family, lr_log_sigma2 1e-3; init
+sigma^2 1; iMAML lambda 1). CPU-scale deviations from the paper, stated in the report: conv4 with 32 channels
+instead of 64, meta-batch 8, 5 query images per class, hundreds to a few thousand meta-steps (the report lists
+each method's) instead of 60k-100k. The characters of the
 minimal background splits are split 70/10/20 (train/val/test, seed 0) before the 0/90/180/270 degree rotations,
 so no rotated copy of a test character reaches meta-training. Each method is evaluated on the same 300 test
 tasks after 0-50 adaptation steps with the default modules (all under the learned prior unless sigma^2
