@@ -212,13 +212,13 @@ def test_large_sigma2_sigma_reptile_takes_reptile_direction():
     rep, _, _, _ = make("mlp", alg_cfg("reptile"), inner="sgd", lr=0.05, steps=5)
     meta["log_sigma2"] = torch.full_like(meta["log_sigma2"], math.log(1e5))
     task = batch.task(0)
-    # Reptile adapts on the task's whole dataset (support + query); give sigma-Reptile that as its support set
-    x_all, y_all = torch.cat([task.xs, task.xq]), torch.cat([task.ys, task.yq])
-    a, _ = sr.task_update(meta, x_all, y_all, task.xq, task.yq)
+    # both fit phi's update on the task's whole dataset (support + query)
+    a, _ = sr.task_update(meta, *task)
     b, _ = rep.task_update(meta, *task)
     # sigma-Reptile's phi update divided by lambda = w / sigma^2 (a learning rate proportional to sigma^2) is
     # Reptile's phi - theta
-    scaled = flat(a["phi"]) * 1e5 / sr.learner.family.prior_weight(x_all.shape[0])
+    n_all = task.xs.shape[0] + task.xq.shape[0]
+    scaled = flat(a["phi"]) * 1e5 / sr.learner.family.prior_weight(n_all)
     assert torch.nn.functional.cosine_similarity(scaled, flat(b["phi"]), dim=0) > 1 - 1e-9
     assert (scaled - flat(b["phi"])).norm() / flat(b["phi"]).norm() < 1e-5
 
