@@ -374,6 +374,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         s.refresh(j)
         return job_view(j)
 
+    @app.post("/v1/jobs/{job_id}/retry", status_code=202, response_model=JobOut, tags=["jobs"])
+    def retry_job(job_id: str, s: Session, t: Tenant):
+        """Re-queue a failed or canceled job; it resumes from its latest checkpoint (409 otherwise)."""
+        j = own_job(s, t, job_id)
+        if not Q.retry(s, job_id):
+            raise ApiError(409, f"job {job_id} is {j.status}; only failed or canceled jobs can be retried")
+        s.commit()
+        try:
+            enqueue(app, job_id)
+        except Exception:  # the reconciler re-sends it once the broker is back
+            log.exception("enqueue of job %s failed", job_id)
+        s.refresh(j)
+        return job_view(j)
+
     @app.get("/v1/jobs/{job_id}/metrics", response_model=MetricsOut, tags=["jobs"])
     def job_metrics(job_id: str, s: Session, t: Tenant, name: Optional[str] = None):
         own_job(s, t, job_id)
@@ -518,7 +532,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         m = await run_in_threadpool(_model_for, t, model_id)
         payload = validate_adapt(req, m, settings)
         payload.update(save_adapter=req.save_adapter, tenant=t)
-        return await run_in_threadpool(_run_adapt, model_id, payload)
+        return await run_in_threadpool(_run_adapt, t, model_id, payload)
 
     @app.post("/v1/models/{model_id}/evaluations", status_code=202, tags=["evaluations"],
               openapi_extra={"requestBody": {"content": {"application/json": {
@@ -570,18 +584,54 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             s.expunge(m)
             return m
 
-    def _run_adapt(model_id: str, payload: dict, task: str | None = None):
+    def _run_adapt(tenant: str, model_id: str, payload: dict, task: str | None = None):
+        """Send one adapt (or adapter predict) request to the adapt queue and wait for its reply until the
+        request's deadline (``adapt_timeout``): 504 after it, 503 while the broker is unreachable, 429 when the
+        tenant already has ``adapt_tenant_concurrency`` requests in flight. The message expires at the deadline,
+        so a worker that reaches it late drops it instead of running work nobody waits for."""
+        from redis.exceptions import RedisError
+
         from worker.celery_app import ADAPT, ADAPT_QUEUE
         from worker.redis_util import reply_key
 
-        rid = uuid.uuid4().hex
-        t0 = time.perf_counter()
-        app.state.celery.send_task(task or ADAPT, args=[rid, model_id, payload], queue=ADAPT_QUEUE)
-        got = app.state.redis.blpop([reply_key(rid)], timeout=settings.adapt_timeout)
+        r = app.state.redis
+        slot = f"metashrink:adapt-inflight:{tenant}"
+        unavailable = ApiError(503, "the broker is unavailable; retry shortly", headers={"Retry-After": "5"})
+        try:
+            n = r.incr(slot)
+            r.expire(slot, int(settings.adapt_timeout) + 60)  # a crashed API process cannot hold slots forever
+        except RedisError:
+            raise unavailable from None
+        try:
+            if n > settings.adapt_tenant_concurrency:
+                raise ApiError(429, f"{n - 1} adapt requests of this tenant are in flight (limit "
+                                    f"{settings.adapt_tenant_concurrency}); retry when one has finished",
+                               headers={"Retry-After": "1"})
+            rid = uuid.uuid4().hex
+            t0 = time.perf_counter()
+            deadline = time.monotonic() + settings.adapt_timeout
+            try:
+                app.state.celery.send_task(task or ADAPT, args=[rid, model_id, payload], queue=ADAPT_QUEUE,
+                                           expires=settings.adapt_timeout)
+            except Exception:  # kombu's OperationalError and friends: the broker is down
+                log.exception("adapt request %s: send failed", rid)
+                raise unavailable from None
+            got = None
+            while got is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ApiError(504, f"no adapt worker answered within {settings.adapt_timeout:g} s")
+                try:  # short waits: a client-side socket timeout never outlives the deadline
+                    got = r.blpop([reply_key(rid)], timeout=min(5.0, max(left, 0.01)))
+                except RedisError:
+                    raise unavailable from None
+        finally:
+            try:
+                r.decr(slot)
+            except RedisError:
+                pass
         if task is None:
             app.state.adapt_latency.observe(time.perf_counter() - t0)
-        if got is None:
-            raise ApiError(504, f"no adapt worker answered within {settings.adapt_timeout:g} s")
         out = json.loads(got[1])
         if not out.pop("ok"):
             if out["status"] == 422:
@@ -617,7 +667,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if len(req.x) > settings.adapt_max_rows:
             raise unprocessable(["x"], f"{len(req.x)} rows is above the cap of {settings.adapt_max_rows} rows")
         x = check_inputs(as_array(req.x, "x"), "x", tuple(m.input_shape))
-        return await run_in_threadpool(_run_adapt, adapter_id, {"x": x.tolist()}, ADAPTER_PREDICT)
+        return await run_in_threadpool(_run_adapt, t, adapter_id, {"x": x.tolist()}, ADAPTER_PREDICT)
 
     # ------------------------------------------------------------------ live views: SSE events, dashboard
     from .live import install as install_live

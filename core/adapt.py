@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -59,11 +60,17 @@ def select_modules(names, log_sigma2: torch.Tensor, method: str = "gap", thresho
     return selection(names, log_sigma2, method, threshold, k, min_gap)["selected"]
 
 
+class NonFiniteError(ValueError):
+    """The support loss is not finite before any adaptation step: the inputs' magnitude makes the model overflow."""
+
+
 @dataclass
 class AdaptResult:
     params: dict          # full parameter dict (adapted modules + phi elsewhere)
     adapted_modules: list
-    loss_curve: list      # support loss before the first step and after every step (steps + 1 values)
+    loss_curve: list      # support loss before the first step and after every step (steps + 1 values,
+    #                       or diverged_at_step of them)
+    diverged_at_step: Optional[int] = None  # the first step whose loss was not finite; params are the last finite
 
     def adapter(self, partition) -> dict:
         """Only the adapted tensors: what an adapter stores."""
@@ -197,24 +204,52 @@ class MetaModel:
         frozen = {k: v for k, v in self.phi.items() if k not in names}
         center = {k: self.phi[k] for k in names}
         theta = dict(center)
-        state = opt.init(theta) if theta else {}
-        curve = []
+        state = [opt.init(theta) if theta else {}]
+
+        def objective(params, leaves):
+            loss = self.loss(params, xs, ys)
+            return loss, (loss + prior_penalty(leaves, center, lam) if (lam and not opt.proximal) else loss)
+
+        def update(theta, grads):
+            theta, state[0] = opt.update(grads, state[0], theta, center, lam)
+            return theta
+
+        return self._steps(frozen, theta, steps, chosen, objective, update, on_step)
+
+    def _steps(self, frozen, theta, steps, chosen, objective, update, on_step) -> AdaptResult:
+        """The adaptation loop: ``objective(params, leaves) -> (data loss, objective)``, ``update(theta, grads)``.
+        Stops at the first step whose support loss is not finite and returns the last parameters with a finite
+        loss (``diverged_at_step``); a loss that is not finite before any step is a ValueError (the inputs make
+        the model overflow)."""
+        curve, last_good, diverged = [], theta, None
         if on_step is not None:
             on_step(0, {**frozen, **theta})
         for step in range(1, steps + 1):
             leaves = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
-            loss = self.loss({**frozen, **leaves}, xs, ys)
-            objective = loss + prior_penalty(leaves, center, lam) if (lam and not opt.proximal) else loss
-            grads = torch.autograd.grad(objective, list(leaves.values())) if leaves else ()
+            loss, obj = objective({**frozen, **leaves}, leaves)
+            if not torch.isfinite(loss):
+                diverged = step - 1
+                break
+            last_good = theta
+            grads = torch.autograd.grad(obj, list(leaves.values())) if leaves else ()
             curve.append(loss.detach())
             with torch.no_grad():
-                theta, state = opt.update(dict(zip(leaves, grads)), state, theta, center, lam)
+                theta = update(theta, dict(zip(leaves, grads)))
             if on_step is not None:
                 on_step(step, {**frozen, **theta})
-        with torch.no_grad():
-            params = {**frozen, **theta}
-            curve.append(self.loss(params, xs, ys))
-        return AdaptResult(params, chosen, [float(v) for v in torch.stack(curve).cpu()])
+        if diverged is None:
+            with torch.no_grad():
+                loss = objective({**frozen, **theta}, theta)[0]
+            if torch.isfinite(loss):
+                curve.append(loss)
+            else:
+                diverged = steps
+        if diverged is not None:
+            if diverged == 0:
+                raise NonFiniteError("the support loss is not finite before adaptation: the inputs' magnitude makes "
+                                 "the model overflow")
+            theta = last_good
+        return AdaptResult({**frozen, **theta}, chosen, [float(v) for v in torch.stack(curve).cpu()], diverged)
 
     def _adapt_rule(self, xs, ys, steps, chosen, names, lr, on_step):
         """The algorithm's own inner rule (``core.baselines.Unrolled``) with its meta-learned tensors, at
@@ -226,22 +261,13 @@ class MetaModel:
         frozen = {k: v for k, v in self.phi.items() if k not in names}
         theta = rule.init_theta(self.phi, extra, names)
         ctx = rule.context(extra, None)
-        curve = []
-        if on_step is not None:
-            on_step(0, {**frozen, **theta})
-        for step in range(1, steps + 1):
-            leaves = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
-            loss = rule.loss({**frozen, **leaves}, extra, xs, ys)
-            grads = torch.autograd.grad(loss, list(leaves.values())) if leaves else ()
-            curve.append(loss.detach())
-            with torch.no_grad():
-                theta = rule.step(theta, dict(zip(leaves, grads)), extra, ctx, scale)
-            if on_step is not None:
-                on_step(step, {**frozen, **theta})
-        with torch.no_grad():
-            params = {**frozen, **theta}
-            curve.append(rule.loss(params, extra, xs, ys))
-        return AdaptResult(params, chosen, [float(v) for v in torch.stack(curve).cpu()])
+
+        def objective(params, _leaves):
+            loss = rule.loss(params, extra, xs, ys)
+            return loss, loss
+
+        return self._steps(frozen, theta, steps, chosen, objective,
+                           lambda th, g: rule.step(th, g, extra, ctx, scale), on_step)
 
     def forward(self, params, x):
         """The model's output for a full parameter dict (with the algorithm's extra tensors where it has them)."""

@@ -12,8 +12,9 @@ apply the outer optimizer) lives in ``core.trainer``; here each algorithm only d
   of ``torch.func.grad``); the mixed derivatives are closed-form:
   d^2 l_train / d theta_m d phi_m = -lambda_m I and d^2 l_train / d theta_m d log sigma_m^2 = -lambda_m (theta_m - phi_m).
 - parameter difference (``reptile``, ``sigma_reptile``): Delta_phi = phi - theta (theta adapted on support and query
-  together, the task's whole dataset), or lambda_m (phi_m - theta_m) for sigma-Reptile (Eq. 10, MAP of phi, on the
-  same data), whose sigma^2 gets the implicit gradient of the query loss at theta adapted on the support set.
+  together, the task's whole dataset), or lambda_m (phi_m - theta_m) for sigma-Reptile (Eq. 10, MAP of phi, by default on
+  the same data; ``phi_data``), whose sigma^2 gets the implicit gradient of the query loss at theta adapted on the
+  support set.
 
 The prior's precision is lambda_m = w / sigma_m^2 with w = ``Family.prior_weight(n)``: 1 / n for the losses that
 average over a task's n examples (sinusoid, polynomial, images), 1 for summed ones, so that every family keeps
@@ -278,16 +279,18 @@ class ReptileFamily(_ImplicitMixin, Algorithm):
             theta = L.adapt(phi, None, x_all, y_all)
             delta = {"phi": {k: phi[k] - theta[k] for k in phi}, "log_sigma2": torch.zeros_like(meta["log_sigma2"])}
             return delta, {"query_loss": L.data_loss(theta, xq, yq), "support_loss": L.data_loss(theta, xs, ys)}
-        # phi: the MAP of Eq. 9 on the same data Reptile adapts on (support and query); sigma^2: the implicit
-        # gradient of the query loss at theta fitted on the support alone (Eq. 10, predictive likelihood of the
-        # query given the support). Deviation, measured in docs/results/omniglot_5way.md: Eq. 9 fits phi on
-        # D^train only, but with 1-shot supports (5 images) that starves phi of data (sigma-Reptile 0.40 vs
-        # Reptile 0.84 on Omniglot 5-way at 2,000 meta-steps); the paper meta-trains the Reptile family on larger
-        # task batches than it tests on (Table 8: 10 images vs 5). Costs a second adaptation per task.
-        x_all, y_all = torch.cat([xs, xq]), torch.cat([ys, yq])
-        theta_all = L.adapt(phi, self._lam(meta, x_all), x_all, y_all)
-        lam_all = per_param(L.partition, L.lam_modules(meta["log_sigma2"], x_all))
+        # phi: the MAP of Eq. 9 on ``phi_data``: "support" is the paper's D^train; "task" (the default) adds the
+        # query set, the data Reptile adapts on. Deviation, measured in docs/results/omniglot_5way.md: with 1-shot
+        # supports (5 images) D^train starves phi of data; the paper meta-trains the Reptile family on larger task
+        # batches than it tests on (Table 8: 10 images vs 5). sigma^2: the implicit gradient of the query loss at
+        # theta fitted on the support (Eq. 10), either way. "task" costs a second adaptation per task.
         theta = L.adapt(phi, self._lam(meta, xs), xs, ys)
+        if self.cfg.get("phi_data", "task") == "task":
+            x_all, y_all = torch.cat([xs, xq]), torch.cat([ys, yq])
+            theta_all = L.adapt(phi, self._lam(meta, x_all), x_all, y_all)
+        else:
+            x_all, theta_all = xs, theta
+        lam_all = per_param(L.partition, L.lam_modules(meta["log_sigma2"], x_all))
         u, lam, lam_m, metrics = self.implicit(meta, theta, xs, ys, xq, yq, self.cfg["damping"])
         delta = {"phi": {k: lam_all[k] * (phi[k] - theta_all[k]) for k in phi},
                  "log_sigma2": self.sigma_delta(meta, theta, u, lam_m)}

@@ -19,6 +19,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch.func import grad, vmap
 
+from .adapt import NonFiniteError
 from .models import apply
 from .modules import prior_penalty
 from .optim import build_optimizer
@@ -94,8 +95,12 @@ class _Adapter:
                 if step in want:
                     with torch.no_grad():
                         out[step] = self._metric({k: params[k] for k in self.center}, xq[i], yq[i])
-            self.mm.adapt(xs[i], ys[i], steps=max(steps), modules=names, lr=lr, on_step=record)
-            cols.append(torch.stack([out[t] for t in steps]))
+            try:  # a task whose adaptation diverges keeps the steps before it; later ones are NaN (counted)
+                self.mm.adapt(xs[i], ys[i], steps=max(steps), modules=names, lr=lr, on_step=record)
+            except NonFiniteError:  # not finite before the first step
+                out.clear()
+            nan = torch.tensor(float("nan"), dtype=xs.dtype, device=xs.device)
+            cols.append(torch.stack([out[t] if t in out and bool(torch.isfinite(out[t])) else nan for t in steps]))
         return torch.stack(cols, 1)
 
     def run(self, batch, steps: Sequence[int], use_vmap: bool) -> torch.Tensor:
@@ -172,7 +177,11 @@ def evaluate(meta_model, family=None, n_tasks: int = 600, steps: Iterable[int] =
     for label, names, _ in adapters:
         vals = torch.cat(per_task[label], dim=1)  # [len(steps), n_tasks]
         for i, s in enumerate(steps):
-            results.append({"step": s, "modules": label, "adapted": list(names), **mean_ci(vals[i])})
+            ok = torch.isfinite(vals[i])  # a diverged task is counted, never averaged in as NaN
+            stats = mean_ci(vals[i][ok]) if bool(ok.any()) else {"mean": float("nan"), "ci95": float("nan"),
+                                                                  "std": float("nan"), "n": 0}
+            results.append({"step": s, "modules": label, "adapted": list(names), **stats,
+                            "diverged": int((~ok).sum())})
     return {"metric": metric_name(meta_model.kind), "split": split, "n_tasks": int(n_tasks), "steps": steps,
             "ci": "95% half-width = 1.96 * sample std (ddof=1) over tasks / sqrt(n_tasks)",
             "vectorize": vectorize if vectorize == "adapt" else ("vmap" if use_vmap else "loop"), "results": results}

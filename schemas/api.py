@@ -132,9 +132,13 @@ class AdaptRequest(BaseModel):
 
 
 class AdaptOut(BaseModel):
-    predictions: list[list[Optional[float]]]
+    predictions: list[list[float]]
     adapted_modules: list[str]
-    loss_curve: list[Optional[float]]
+    loss_curve: list[float] = Field(description="support loss before the first step and after each step, up to "
+                                                "the last finite one")
+    diverged_at_step: Optional[int] = Field(
+        None, description="set when the support loss stopped being finite at this step: adaptation stopped there "
+                          "and the predictions come from the last parameters with a finite loss")
     adapter_id: Optional[str] = None
 
 
@@ -155,8 +159,10 @@ class EvaluationRequest(BaseModel):
 class EvaluationResult(_Out):
     step: int
     modules: str
-    mean: Optional[float]
+    mean: Optional[float] = Field(description="over the tasks whose adaptation stayed finite; null if none did")
     ci95: Optional[float]
+    n: Optional[int] = Field(None, description="tasks in the mean")
+    diverged: int = Field(0, description="tasks whose adaptation diverged before this step (not in the mean)")
 
 
 class EvaluationOut(_Out):
@@ -176,4 +182,4 @@ class PredictRequest(BaseModel):
 
 
 class PredictOut(BaseModel):
-    predictions: list[list[Optional[float]]]
+    predictions: list[list[float]]

@@ -42,6 +42,25 @@ def heartbeat(session, job_id: str, owner: str, lease_seconds: float, step: int,
     return True, bool(cancel)
 
 
+def made_progress(session, job_id: str, owner: str):
+    """A checkpoint was recorded: this attempt is the first of a new run of attempts, so crashes that made
+    progress never exhaust ``max_attempts``; only consecutive attempts that checkpoint nothing do."""
+    session.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner).values(attempts=1)
+                    .execution_options(synchronize_session=False))
+
+
+def retry(session, job_id: str) -> bool:
+    """A failed or canceled job back to ``queued`` with a fresh attempt budget; the worker that claims it
+    resumes from its latest checkpoint. False when the job is not failed or canceled."""
+    now = utcnow()
+    res = session.execute(
+        update(Job).where(Job.id == job_id, Job.status.in_(("failed", "canceled")))
+        .values(status="queued", attempts=0, cancel_requested=False, error=None, finished_at=None,
+                lease_owner=None, lease_expires_at=None, updated_at=now, enqueued_at=now)
+        .execution_options(synchronize_session=False))
+    return res.rowcount == 1
+
+
 def finish(session, job_id: str, owner: str | None, status: str, error: str | None = None, **extra) -> bool:
     now = utcnow()
     cond = [Job.id == job_id, Job.status.in_(ACTIVE)]

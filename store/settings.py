@@ -26,7 +26,11 @@ class Settings(BaseSettings):
     adapt_max_steps: int = Field(10_000, ge=0)
     adapt_max_rows: int = Field(10_000, ge=1, description="support rows and query rows, each")
     adapt_max_bytes: int = Field(8 * 1024 * 1024, ge=1, description="request body size of the adapt endpoint")
-    adapt_timeout: float = Field(120.0, gt=0, description="seconds the API waits for an adapt result")
+    adapt_timeout: float = Field(120.0, gt=0, description="a request's deadline: seconds the API waits for an adapt "
+                                 "result (then 504); the queued message expires with it")
+    adapt_tenant_concurrency: int = Field(4, ge=1, description="adapt requests one tenant may have in flight "
+                                          "(across API processes); more answer 429 with Retry-After")
+    adapt_concurrency: int = Field(1, ge=1, description="processes of the embedded default's adapt worker")
     torch_threads: int = Field(1, ge=0, description="torch.set_num_threads in worker children; 0 keeps torch's "
                                "default. 1 suits the embedded default, whose train and adapt workers share one "
                                "machine (2 threads on a shared 2-core box measured ~10x slower than 1)")

@@ -264,3 +264,20 @@ def test_diverged_tasks_are_left_out_of_the_meta_update():
     all_bad = {"phi": {"w": torch.full((2, 2), float("nan"))}, "log_sigma2": torch.zeros(2, 1)}
     delta, metrics = reduce_tasks(all_bad, {})
     assert torch.equal(delta["phi"]["w"], torch.zeros(2)) and float(metrics["skipped_tasks"]) == 2
+
+
+# ---------------------------------------------------------------------------------- divergence
+def test_adapt_stops_at_the_last_finite_step():
+    mm = MetaTrainer(sinusoid_cfg("maml", steps=2)).meta_model()
+    x = torch.linspace(-5, 5, 10).view(-1, 1)
+    res = mm.adapt(x, 1e12 * torch.sin(x), steps=200, modules="all", lr=1.0)
+    d = res.diverged_at_step
+    assert d is not None and 1 <= d <= 200, d
+    # the curve holds the finite losses of theta_0 .. theta_{d-1}; the returned parameters are theta_{d-1}
+    assert len(res.loss_curve) == d and all(math.isfinite(v) for v in res.loss_curve)
+    assert all(bool(torch.isfinite(v).all()) for v in res.params.values())
+    assert float(mm.loss(res.params, x, 1e12 * torch.sin(x))) == pytest.approx(res.loss_curve[-1], rel=1e-5)
+    ok = mm.adapt(x, torch.sin(x), steps=20, modules="all")
+    assert ok.diverged_at_step is None and len(ok.loss_curve) == 21
+    with pytest.raises(ValueError, match="overflow"):
+        mm.adapt(torch.full((3, 1), 1e30), torch.zeros(3, 1), steps=5)

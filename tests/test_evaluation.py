@@ -115,3 +115,13 @@ def test_end_to_end_omniglot_5way_1shot_beats_chance():
     assert r["metric"] == "accuracy"
     assert acc[0]["mean"] == pytest.approx(0.2, abs=0.05)  # an untrained head at phi: chance on average
     assert acc[3]["mean"] - acc[3]["ci95"] > 0.5
+
+
+@pytest.mark.parametrize("vectorize", ["loop", "adapt"])
+def test_diverged_tasks_are_counted_not_averaged(vectorize):
+    mm = MetaTrainer(config(algorithm={"name": "maml"})).meta_model()
+    ev = evaluate(mm, n_tasks=12, steps=[0, 200], modules="all", lr=1e3, vectorize=vectorize)
+    first, last = ev["results"]
+    assert first["diverged"] == 0 and first["n"] == 12 and math.isfinite(first["mean"])
+    assert last["diverged"] > 0 and last["n"] + last["diverged"] == 12
+    assert last["n"] == 0 or math.isfinite(last["mean"])

@@ -204,6 +204,7 @@ def _train(rt: _Runtime, job_id: str, owner: str):
             if art is not None:
                 ses.add(Checkpoint(id=ckpt_id, job_id=job_id, step=step, uri=art.uri, sha256=art.sha256,
                                    bytes=art.bytes, meta=meta, val_score=score))
+                Q.made_progress(ses, job_id, owner)
             if do_val and val.improves(score):
                 ses.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner)
                             .values(best_checkpoint_id=ckpt_id).execution_options(synchronize_session=False))
@@ -268,7 +269,7 @@ def run_evaluation(eval_id: str):
                      seed=req.get("seed", 0), progress=progress)
         results = [{"step": x["step"], "modules": x["modules"], "adapted": x.get("adapted"),
                     "mean": _finite(x["mean"]), "ci95": _finite(x["ci95"]), "std": _finite(x.get("std", float("nan"))),
-                    "n": x.get("n")} for x in r["results"]]
+                    "n": x.get("n"), "diverged": x["diverged"]} for x in r["results"]]
         with rt.db.session() as ses:
             Q.finish_evaluation(ses, eval_id, owner, "succeeded", metric=r["metric"], results=results,
                                 done_tasks=req["n_tasks"])
@@ -330,7 +331,12 @@ def _reply(rt: _Runtime, request_id: str, what: str, work) -> None:
 
 
 def _predictions(pred) -> list:
-    return [[_finite(v) for v in row] for row in pred.double().cpu().tolist()]
+    """Finite predictions, or a ValueError (422): a forward pass that overflows is the input's magnitude."""
+    import torch
+    if not bool(torch.isfinite(pred).all()):
+        raise ValueError("the model's output is not finite for these query inputs (their magnitude makes the "
+                         "model overflow)")
+    return pred.double().cpu().tolist()
 
 
 @app.task(name=ADAPT, acks_late=True, reject_on_worker_lost=True)
@@ -344,7 +350,8 @@ def adapt(request_id: str, model_id: str, payload: dict):
         res = mm.adapt(payload["support"]["x"], payload["support"]["y"], steps=payload["steps"],
                        modules=payload["modules"])
         out = {"predictions": _predictions(mm.predict(payload["query"]["x"], res.params)),
-               "adapted_modules": res.adapted_modules, "loss_curve": [_finite(v) for v in res.loss_curve]}
+               "adapted_modules": res.adapted_modules, "loss_curve": res.loss_curve,
+               "diverged_at_step": res.diverged_at_step}
         if payload.get("save_adapter"):
             out["adapter_id"] = _save_adapter(rt, model_id, mm, res, payload)
         return out

@@ -23,6 +23,8 @@ from schemas import JobConfig
 def config(algorithm: str, tasks: int, shots: int, query: int, phi: float, sigma2: float, seed: int,
            steps: int = 600) -> dict:
     alg = {"name": algorithm, "init_sigma2": 0.1, "ig_beta": 0.0, "cg_steps": 1, "damping": 0.0}
+    if algorithm == "sigma_reptile":
+        alg["phi_data"] = "support"  # Eq. 9's D^train: Prop. 2's closed form is for it
     return JobConfig.model_validate({
         "algorithm": alg, "model": {"arch": "identity"},
         "tasks": {"family": "hierarchical_normal", "variant": "univariate", "shots": shots, "query": query,

@@ -33,7 +33,8 @@ def config(algorithm: str, variant: str = "linear", shots: int = 5, meta_steps: 
     inner_lr, inner_steps = INNER[variant]
     alg = {"name": algorithm}
     if algorithm == "sigma_reptile":
-        alg.update(init_sigma2=10.0, cg_steps=3, damping=0.0, ig_beta=0.0)
+        # phi_data "support": Eq. 9 exactly, as the paper runs it here (App. C.1, Fig. 7-8)
+        alg.update(init_sigma2=10.0, cg_steps=3, damping=0.0, ig_beta=0.0, phi_data="support")
     return JobConfig.model_validate({
         "algorithm": alg, "model": {"arch": "identity"}, "modules": {"partition": "per_tensor"},
         "tasks": {"family": "hierarchical_normal", "variant": variant, "shots": shots, "query": shots},

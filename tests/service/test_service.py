@@ -263,27 +263,116 @@ def test_adapt_caps_422(service, reference):
     assert r.status_code == 422 and "bytes" in r.json()["detail"] and r.json()["errors"][0]["loc"] == ["body"]
 
 
+def test_adapt_never_answers_200_with_non_finite_numbers(service, reference):
+    mid, h = reference[1]["model_id"], service.h()
+    url = f"/v1/models/{mid}/adapt"
+    x = [[-4.0], [-2.0], [0.0], [2.0], [4.0]]
+    # targets so large that the adaptation overflows: it stops at the last finite step and says so
+    r = service.client.post(url, headers=h, json={"support": {"x": x, "y": [[1e12 * v[0]] for v in x]},
+                                                  "query": {"x": [[0.5]]}, "steps": 100, "modules": "all"})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["diverged_at_step"] is not None and len(out["loss_curve"]) == out["diverged_at_step"], out
+    assert all(math.isfinite(v) for v in out["loss_curve"] + out["predictions"][0])
+    # inputs whose magnitude makes the model overflow before any step, or at prediction: 422
+    for body in ({"support": {"x": [[1e30]], "y": [[0.0]]}, "query": {"x": [[0.5]]}},
+                 {"support": {"x": [[0.0]], "y": [[0.0]]}, "query": {"x": [[1e300]]}, "steps": 1}):
+        r = service.client.post(url, headers=h, json=body)
+        assert r.status_code == 422 and "overflow" in r.json()["detail"], r.text
+
+
+def test_adapt_tenant_limit_429_and_deadline_504(service, reference):
+    mid, h = reference[1]["model_id"], service.h()
+    url = f"/v1/models/{mid}/adapt"
+    r = service.app.state.redis
+    slot = "metashrink:adapt-inflight:alice"
+    r.set(slot, service.app.state.settings.adapt_tenant_concurrency)  # alice's slots are all taken
+    try:
+        res = service.client.post(url, headers=h, json=GOOD)
+        assert res.status_code == 429 and res.headers["Retry-After"] and "in flight" in res.json()["detail"]
+    finally:
+        r.delete(slot)
+    assert service.client.post(url, headers=h, json=GOOD).status_code == 200
+    # no adapt worker: the request's deadline passes, 504 with a problem body, and its message expires with it
+    for name in service.worker_names("adapt"):
+        service.kill_worker(name)
+    settings = service.app.state.settings
+    old, settings.adapt_timeout = settings.adapt_timeout, 2.0
+    try:
+        t0 = time.monotonic()
+        res = service.client.post(url, headers=h, json=GOOD)
+        assert res.status_code == 504 and res.headers["content-type"].startswith("application/problem+json")
+        assert 1.5 < time.monotonic() - t0 < 10
+    finally:
+        settings.adapt_timeout = old
+        service.start_worker("adapt")
+    assert int(r.get(slot) or 0) == 0  # every slot given back
+    assert service.client.post(url, headers=h, json=GOOD).status_code == 200
+
+
 # --------------------------------------------------------------------------- resume
-def test_resume_after_sigkill(service, reference):
-    """SIGKILL the train worker (parent and prefork child) mid-job; another worker resumes from the latest
-    checkpoint and the final parameters equal the uninterrupted reference run's, bit for bit."""
-    ref_id, ref = reference
-    jid = service.submit(small_config())
-    service.wait(jid, pred=lambda j: j["status"] == "running" and j["progress"]["step"] >= 10, timeout=300)
-    j = service.job(jid)
-    assert j["status"] == "running" and j["progress"]["step"] < 40, j
+def _chaos_config():
+    # heavier steps than small_config so that a kill lands between checkpoints
+    return small_config(steps=60, outer={"meta_batch": 50, "steps": 60, "lr_phi": 0.003, "lr_log_sigma2": 0.01})
+
+
+@pytest.fixture(scope="module")
+def chaos_reference(service):
+    jid = service.submit(_chaos_config())
+    j = service.wait(jid, timeout=600)
+    assert j["status"] == "succeeded", j
+    return j
+
+
+def _kill_train_workers(service):
     for name in service.worker_names("train"):
         service.kill_worker(name)
     service.start_worker("train")
-    j = service.wait(jid, timeout=300)
-    assert j["status"] == "succeeded", j
-    assert j["attempts"] == 2
-    a, b = _model_tensors(service, j["model_id"]), _model_tensors(service, ref["model_id"])
+
+
+def _same_model(service, a_id, b_id):
+    a, b = _model_tensors(service, a_id), _model_tensors(service, b_id)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_after_repeated_sigkills(service, chaos_reference):
+    """SIGKILL the train worker (parent and prefork child) after each of three checkpoints: more crashes than
+    max_attempts (3), but each attempt made progress, so none counts against it. Every resume continues from
+    the latest checkpoint and the final parameters equal the uninterrupted run's, bit for bit."""
+    jid = service.submit(_chaos_config())
+    kills = 0
+    for at in (10, 25, 40):
+        j = service.wait(jid, pred=lambda j, at=at: j["status"] != "queued" and (
+            j["status"] != "running" or j["progress"]["step"] >= at), timeout=300)
+        if j["status"] != "running":
+            break
+        _kill_train_workers(service)
+        kills += 1
+    j = service.wait(jid, timeout=600)
+    assert kills == 3, f"the job finished before three kills ({kills}); the test did not exercise resume"
+    assert j["status"] == "succeeded", j
+    assert j["attempts"] <= 2, j  # consecutive claims since the last checkpoint
+    _same_model(service, j["model_id"], chaos_reference["model_id"])
     series = service.client.get(f"/v1/jobs/{jid}/metrics", headers=service.h()).json()["series"]
-    assert [s for s, _ in series["query_loss"]] == list(range(1, 41))
+    assert [s for s, _ in series["query_loss"]] == list(range(1, 61))
+
+
+def test_retry_resumes_a_canceled_job(service, chaos_reference):
+    c, h = service.client, service.h()
+    jid = service.submit(_chaos_config())
+    service.wait(jid, pred=lambda j: j["status"] == "running" and j["progress"]["step"] >= 15, timeout=300)
+    assert c.post(f"/v1/jobs/{jid}/retry", headers=h).status_code == 409  # running: nothing to retry
+    c.post(f"/v1/jobs/{jid}/cancel", headers=h)
+    j = service.wait(jid, timeout=120)
+    assert j["status"] == "canceled", j
+    r = c.post(f"/v1/jobs/{jid}/retry", headers=h)
+    assert r.status_code == 202 and r.json()["status"] in ("queued", "running") and r.json()["error"] is None, r.text
+    j = service.wait(jid, timeout=600)
+    assert j["status"] == "succeeded", j
+    _same_model(service, j["model_id"], chaos_reference["model_id"])
+    assert c.post(f"/v1/jobs/{jid}/retry", headers=service.h("bob")).status_code == 404
 
 
 # --------------------------------------------------------------------------- reconciler
