@@ -154,28 +154,42 @@ class Histogram:
 
 
 class Reconciler(threading.Thread):
+    """Sweeps every ``reconcile_interval`` seconds (``reconcile_once``). The first sweep after start-up and the
+    first after the broker comes back re-send every queued job and evaluation, not only stale ones: messages
+    sent while the broker was down, or lost with it, are delivered again (a duplicate is harmless: a claim is
+    a conditional UPDATE)."""
+
     def __init__(self, app: FastAPI):
         super().__init__(daemon=True, name="metashrink-reconciler")
         self.app, self.stop = app, threading.Event()
 
     def run(self):
         st: Settings = self.app.state.settings
-        while not self.stop.wait(st.reconcile_interval):
+        resend_all = True
+        while True:
             try:
-                reconcile_once(self.app)
+                self.app.state.redis.ping()
+            except Exception:
+                resend_all = True  # the broker is down: sweep the database anyway, re-send everything after
+            try:
+                reconcile_once(self.app, resend_all)
+                resend_all = False
             except Exception:
                 log.exception("reconciler sweep failed")
+            if self.stop.wait(st.reconcile_interval):
+                return
 
 
-def reconcile_once(app: FastAPI) -> list[str]:
+def reconcile_once(app: FastAPI, resend_all: bool = False) -> list[str]:
     st: Settings = app.state.settings
+    after = 0.0 if resend_all else st.requeue_queued_after
     with app.state.db.session() as s:
-        ids = Q.reconcile(s, st.requeue_queued_after)
+        ids = Q.reconcile(s, after)
     for job_id in ids:
         log.info("reconciler: (re-)enqueueing job %s", job_id)
         enqueue(app, job_id)
     with app.state.db.session() as s:
-        evs = Q.reconcile_evaluations(s, st.requeue_queued_after)
+        evs = Q.reconcile_evaluations(s, after)
     for eval_id in evs:
         log.info("reconciler: (re-)enqueueing evaluation %s", eval_id)
         enqueue_evaluation(app, eval_id)
@@ -285,8 +299,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             checks["broker"] = "ok"
         except Exception as e:
             checks["broker"] = f"error: {type(e).__name__}"
+        from worker.celery_app import ADAPT_QUEUE, TRAIN_QUEUE
+        workers = _workers_by_queue() if checks["broker"] == "ok" else {}
+        missing = [q for q in (TRAIN_QUEUE, ADAPT_QUEUE) if not workers.get(q)]
+        checks["workers"] = f"error: no worker consumes {', '.join(missing)}" if missing else "ok"
         ok = all(v == "ok" for v in checks.values())
-        return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
+        return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks, "workers": workers},
+                            status_code=200 if ok else 503)
+
+    def _workers_by_queue() -> dict:
+        """Worker names per queue, from a Celery broadcast (``active_queues``, 1 s for the replies)."""
+        try:
+            replies = app.state.celery.control.inspect(timeout=1.0).active_queues() or {}
+        except Exception:  # the broker went away between the ping and the broadcast
+            log.exception("readyz: worker inspection failed")
+            return {}
+        out: dict = {}
+        for name, queues in replies.items():
+            for q in queues:
+                out.setdefault(q["name"], []).append(name)
+        return {q: sorted(v) for q, v in out.items()}
 
     @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
     def prometheus_metrics(s: Session):

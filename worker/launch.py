@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .embedded import start_process
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -17,12 +19,10 @@ def worker_command(queues: str, name: str, concurrency: int = 1, loglevel: str =
 
 def start_worker(queues: str, name: str, env: dict | None = None, concurrency: int = 1, log_path=None,
                  torch_threads: int | None = None) -> subprocess.Popen:
-    """A worker in its own session, so that the whole process group (parent + prefork child) can be
-    signalled together."""
+    """A worker in its own session (parent and prefork children signalled together) that dies with the
+    thread that started it."""
     e = dict(os.environ if env is None else env)
     e["PYTHONPATH"] = str(ROOT) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
     if torch_threads:
         e["METASHRINK_TORCH_THREADS"] = str(torch_threads)
-    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    return subprocess.Popen(worker_command(queues, name, concurrency), env=e, cwd=str(ROOT), stdout=out,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    return start_process(worker_command(queues, name, concurrency), log_path, env=e, cwd=str(ROOT))

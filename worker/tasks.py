@@ -59,6 +59,8 @@ def runtime() -> _Runtime:
 
 @worker_process_init.connect
 def _child_init(**_):
+    from .embedded import die_with_parent
+    die_with_parent()  # a pool child never outlives its worker (a SIGKILLed worker leaves no consumer behind)
     threads = app.conf.metashrink_settings.torch_threads
     if threads:
         import torch

@@ -154,6 +154,10 @@ def service(request, tmp_path_factory):
     try:
         with TestClient(app) as client:
             svc.client = client
+            t0 = time.monotonic()  # the workers answer readiness's broadcast once they have started
+            while client.get("/readyz").status_code != 200:
+                assert time.monotonic() - t0 < 120, f"the service never became ready: {client.get('/readyz').text}"
+                time.sleep(0.5)
             yield svc
     finally:
         for name in list(svc.workers):

@@ -104,7 +104,7 @@ def test_health_and_docs(service):
     c = service.client
     assert c.get("/healthz").json() == {"status": "ok"}
     r = c.get("/readyz")
-    assert r.status_code == 200 and r.json()["checks"] == {"database": "ok", "broker": "ok"}
+    assert r.status_code == 200 and r.json()["checks"] == {"database": "ok", "broker": "ok", "workers": "ok"}
     assert c.get("/docs").status_code == 200
     assert "/v1/models/{model_id}/adapt" in c.get("/openapi.json").json()["paths"]
 
@@ -296,6 +296,8 @@ def test_adapt_tenant_limit_429_and_deadline_504(service, reference):
     # no adapt worker: the request's deadline passes, 504 with a problem body, and its message expires with it
     for name in service.worker_names("adapt"):
         service.kill_worker(name)
+    ready = service.client.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["checks"]["workers"] == "error: no worker consumes adapt"
     settings = service.app.state.settings
     old, settings.adapt_timeout = settings.adapt_timeout, 2.0
     try:
