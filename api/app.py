@@ -98,33 +98,44 @@ def dataset_view(d: Dataset) -> dict:
             "created_at": d.created_at.isoformat()}
 
 
-async def read_capped(request: Request, cap: int, status: int = 413) -> bytes:
-    """The request body, refusing (``status``) one above ``cap`` bytes without reading all of it."""
+async def read_capped(request: Request, cap: int) -> bytes:
+    """The request body, refusing (413) one above ``cap`` bytes without reading all of it."""
     cl = request.headers.get("content-length")
     if cl and cl.isdigit() and int(cl) > cap:
-        raise ApiError(status, f"request body of {cl} bytes is above the cap of {cap} bytes",
+        raise ApiError(413, f"request body of {cl} bytes is above the cap of {cap} bytes",
                        [{"loc": ["body"], "msg": f"above the cap of {cap} bytes"}])
     chunks, n = [], 0
     async for chunk in request.stream():
         n += len(chunk)
         if n > cap:
-            raise ApiError(status, f"request body is above the cap of {cap} bytes",
+            raise ApiError(413, f"request body is above the cap of {cap} bytes",
                            [{"loc": ["body"], "msg": f"above the cap of {cap} bytes"}])
         chunks.append(chunk)
     return b"".join(chunks)
 
 
+async def read_json(request: Request, cap: int, schema, **kw):
+    """A capped JSON body (413 above ``cap`` bytes) decoded and validated off the event loop (``parse_json``),
+    so that large bodies never stall other requests."""
+    return await run_in_threadpool(parse_json, await read_capped(request, cap), schema, **kw)
+
+
 def parse_json(raw: bytes, schema, empty: bytes = b"null", object_msg: Optional[str] = None):
     """Decode a JSON body and validate it with a pydantic ``schema``; every failure is a 422 naming the field.
     ``object_msg``: refuse anything but a JSON object with that message."""
+    too_deep = ApiError(422, "body is nested too deeply", [{"loc": ["body"], "msg": "nested too deeply"}])
     try:
         body = json.loads(raw or empty)
+    except RecursionError:
+        raise too_deep from None
     except ValueError as e:
         raise ApiError(422, f"body is not valid JSON: {e}", [{"loc": ["body"], "msg": str(e)}])
     if object_msg and not isinstance(body, dict):
         raise ApiError(422, object_msg, [{"loc": ["body"], "msg": "not an object"}])
     try:
         return schema.model_validate(body)
+    except RecursionError:
+        raise too_deep from None
     except ValidationError as e:
         errs = pydantic_errors(e)
         raise ApiError(422, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in errs), errs)
@@ -340,8 +351,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/v1/jobs", status_code=202, response_model=JobCreated, tags=["jobs"])
     async def create_job(request: Request, t: Tenant,
                          idempotency_key: Annotated[Optional[str], Header(max_length=128)] = None):
-        cfg = parse_json(await request.body(), JobConfig,
-                         object_msg="body must be a JSON object (a job config)").model_dump(mode="json")
+        cfg = (await read_json(request, settings.job_max_bytes, JobConfig,
+                               object_msg="body must be a JSON object (a job config)")).model_dump(mode="json")
         return await run_in_threadpool(_create_job, t, cfg, idempotency_key)
 
     def check_datasets(s, t: str, tasks: dict):
@@ -502,6 +513,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if ("min_per_class" in opts and kind != "image_classes") or ("min_points" in opts and kind != "regression"):
             raise unprocessable(["body"], "min_per_class is for image_classes, min_points for regression")
         data = await f.read()
+        if kind == "image_classes":
+            opts["max_total_pixels"] = settings.dataset_max_pixels
         fname = f.filename or "upload"
         name = form.get("name") or fname
         return await run_in_threadpool(_store_dataset, t, kind, str(name)[:256], fname, data, opts)
@@ -560,7 +573,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
               openapi_extra={"requestBody": {"content": {"application/json": {
                   "schema": AdaptRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}})
     async def adapt(model_id: str, request: Request, t: Tenant):
-        req = parse_json(await read_capped(request, settings.adapt_max_bytes, status=422), AdaptRequest)
+        req = await read_json(request, settings.adapt_max_bytes, AdaptRequest)
         m = await run_in_threadpool(_model_for, t, model_id)
         payload = validate_adapt(req, m, settings)
         payload.update(save_adapter=req.save_adapter, tenant=t)
@@ -570,8 +583,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
               openapi_extra={"requestBody": {"content": {"application/json": {
                   "schema": EvaluationRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}})
     async def create_evaluation(model_id: str, request: Request, t: Tenant):
-        req = parse_json(await read_capped(request, 64 * 1024, status=422), EvaluationRequest, empty=b"{}",
-                         object_msg="body: must be a JSON object")
+        req = await read_json(request, 64 * 1024, EvaluationRequest, empty=b"{}",
+                              object_msg="body: must be a JSON object")
         if max(req.steps) > settings.adapt_max_steps:
             raise unprocessable(["steps"], f"{max(req.steps)} is above the cap of {settings.adapt_max_steps} steps")
         return await run_in_threadpool(_create_evaluation, t, model_id, req)
@@ -687,7 +700,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/v1/adapters/{adapter_id}/predict", response_model=PredictOut, tags=["adapters"])
     async def adapter_predict(adapter_id: str, request: Request, t: Tenant):
         from worker.celery_app import ADAPTER_PREDICT
-        req = parse_json(await read_capped(request, settings.adapt_max_bytes, status=422), PredictRequest)
+        req = await read_json(request, settings.adapt_max_bytes, PredictRequest)
 
         def lookup():
             with app.state.db.session() as s:

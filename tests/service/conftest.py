@@ -133,7 +133,7 @@ def service(request, tmp_path_factory):
         "METASHRINK_REQUEUE_QUEUED_AFTER": "60", "METASHRINK_MAX_ATTEMPTS": "3",
         "METASHRINK_ADAPT_MAX_STEPS": "2000", "METASHRINK_ADAPT_MAX_ROWS": "500",
         "METASHRINK_ADAPT_MAX_BYTES": "200000", "METASHRINK_ADAPT_TIMEOUT": "120",
-        "METASHRINK_DATASET_MAX_BYTES": "4000000",
+        "METASHRINK_DATASET_MAX_BYTES": "4000000", "METASHRINK_DATASET_MAX_PIXELS": "3000000",
     })
     from store.migrate import upgrade
     from store.settings import Settings

@@ -134,6 +134,15 @@ def test_a_second_serve_on_the_same_data_dir_is_refused(serve, tmp_path):
     assert p.returncode != 0 and "cannot use the data directory" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_cli_against_a_running_and_a_missing_server(serve):
+    cli = [sys.executable, "-m", "client.cli", "jobs", "list", "--key", serve.key]
+    p = subprocess.run(cli + ["--url", serve.url], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "items" in p.stdout, p.stderr
+    p = subprocess.run(cli + ["--url", f"http://127.0.0.1:{_free_port()}"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 3 and "cannot reach the Metashrink API" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_dead_worker_and_dead_broker_are_restarted(serve):
     train = serve.children()["train"]
     os.kill(train[0].pid, signal.SIGKILL)  # the worker's main process; its pool child follows it

@@ -260,7 +260,20 @@ def test_adapt_caps_422(service, reference):
     big = [[0.123456789012345]] * 20000  # ~ 400 kB > the 200 kB cap of the test settings
     r = service.client.post(f"/v1/models/{mid}/adapt", headers=h, json={
         "support": {"x": big, "y": big}, "query": {"x": [[0.0]]}})
-    assert r.status_code == 422 and "bytes" in r.json()["detail"] and r.json()["errors"][0]["loc"] == ["body"]
+    assert r.status_code == 413 and "bytes" in r.json()["detail"] and r.json()["errors"][0]["loc"] == ["body"]
+
+
+def test_bodies_capped_and_nesting_refused(service, reference):
+    """Every JSON body has a byte cap (413 before it is read) and deep nesting is a 422, never a 500."""
+    c, h, mid = service.client, service.h(), reference[1]["model_id"]
+    r = c.post("/v1/jobs", headers={**h, "Content-Type": "application/json"},
+               content=b'{"x": "' + b"a" * (service.app.state.settings.job_max_bytes + 1) + b'"}')
+    assert r.status_code == 413 and r.json()["errors"][0]["loc"] == ["body"], r.text
+    deep = b"[" * 30_000 + b"]" * 30_000  # under every cap, far deeper than any schema
+    for url in ("/v1/jobs", f"/v1/models/{mid}/adapt", f"/v1/models/{mid}/evaluations"):
+        body = b'{"support": {"x": ' + deep + b"}}" if url.endswith("adapt") else deep
+        r = c.post(url, headers={**h, "Content-Type": "application/json"}, content=body)
+        assert r.status_code == 422, (url, r.status_code, r.text[:200])
 
 
 def test_adapt_never_answers_200_with_non_finite_numbers(service, reference):
