@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, JSONResponse
 from pydantic import ValidationError
 from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
@@ -33,9 +33,12 @@ from store.datasets import dataset_ids, put_collection
 from store.models import (Adapter, ApiKey, Checkpoint, Dataset, Evaluation, Job, JobMetric, MetaModelRow, ModuleMap, new_id,
                           utcnow)
 from store.settings import Settings
+from store.telemetry import ADAPT_LATENCY, ADAPT_REJECTED
 
 from . import errors
 from .errors import ApiError, pydantic_errors, unprocessable
+from .metrics import install as install_metrics
+from .metrics import workers_by_queue
 from .validation import as_array, check_inputs, check_targets
 
 log = logging.getLogger("metashrink.api")
@@ -141,29 +144,6 @@ def parse_json(raw: bytes, schema, empty: bytes = b"null", object_msg: Optional[
         raise ApiError(422, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in errs), errs)
 
 
-class Histogram:
-    """A cumulative Prometheus histogram (thread-safe), rendered as text."""
-    BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
-
-    def __init__(self):
-        self.counts, self.sum, self.n, self.lock = [0] * len(self.BUCKETS), 0.0, 0, threading.Lock()
-
-    def observe(self, v: float):
-        with self.lock:
-            self.n += 1
-            self.sum += v
-            for i, b in enumerate(self.BUCKETS):
-                if v <= b:
-                    self.counts[i] += 1
-
-    def lines(self, name: str, help_: str) -> list:
-        with self.lock:
-            out = [f"# HELP {name} {help_}", f"# TYPE {name} histogram"]
-            out += [f'{name}_bucket{{le="{b}"}} {c}' for b, c in zip(self.BUCKETS, self.counts)]
-            out += [f'{name}_bucket{{le="+Inf"}} {self.n}', f"{name}_sum {self.sum}", f"{name}_count {self.n}"]
-        return out
-
-
 class Reconciler(threading.Thread):
     """Sweeps every ``reconcile_interval`` seconds (``reconcile_once``). The first sweep after start-up and the
     first after the broker comes back re-send every queued job and evaluation, not only stale ones: messages
@@ -250,7 +230,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery = make_celery(settings)
     app.state.redis = redis_client(settings.broker())
     app.state.key_cache = {}
-    app.state.adapt_latency = Histogram()
     errors.install(app)
 
     # ------------------------------------------------------------------ dependencies
@@ -311,41 +290,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except Exception as e:
             checks["broker"] = f"error: {type(e).__name__}"
         from worker.celery_app import ADAPT_QUEUE, TRAIN_QUEUE
-        workers = _workers_by_queue() if checks["broker"] == "ok" else {}
+        workers = workers_by_queue(app) if checks["broker"] == "ok" else {}
         missing = [q for q in (TRAIN_QUEUE, ADAPT_QUEUE) if not workers.get(q)]
         checks["workers"] = f"error: no worker consumes {', '.join(missing)}" if missing else "ok"
         ok = all(v == "ok" for v in checks.values())
         return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks, "workers": workers},
                             status_code=200 if ok else 503)
 
-    def _workers_by_queue() -> dict:
-        """Worker names per queue, from a Celery broadcast (``active_queues``, 1 s for the replies)."""
-        try:
-            replies = app.state.celery.control.inspect(timeout=1.0).active_queues() or {}
-        except Exception:  # the broker went away between the ping and the broadcast
-            log.exception("readyz: worker inspection failed")
-            return {}
-        out: dict = {}
-        for name, queues in replies.items():
-            for q in queues:
-                out.setdefault(q["name"], []).append(name)
-        return {q: sorted(v) for q, v in out.items()}
-
-    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
-    def prometheus_metrics(s: Session):
-        """Prometheus text format: jobs and evaluations by status (from the database), and this API process's
-        adapt latency histogram (seconds, request sent to result received)."""
-        lines = ["# HELP metashrink_jobs Jobs by status.", "# TYPE metashrink_jobs gauge"]
-        counts = dict(s.execute(select(Job.status, func.count()).group_by(Job.status)).all())
-        for st in ("queued", "running", "succeeded", "failed", "canceled"):
-            lines.append(f'metashrink_jobs{{status="{st}"}} {counts.get(st, 0)}')
-        lines += ["# HELP metashrink_evaluations Evaluations by status.", "# TYPE metashrink_evaluations gauge"]
-        counts = dict(s.execute(select(Evaluation.status, func.count()).group_by(Evaluation.status)).all())
-        for st in ("queued", "running", "succeeded", "failed"):
-            lines.append(f'metashrink_evaluations{{status="{st}"}} {counts.get(st, 0)}')
-        lines += app.state.adapt_latency.lines("metashrink_adapt_latency_seconds",
-                                               "Adapt request latency through the adapt queue.")
-        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+    install_metrics(app)
 
     # ------------------------------------------------------------------ jobs
     @app.post("/v1/jobs", status_code=202, response_model=JobCreated, tags=["jobs"])
@@ -629,14 +581,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             s.expunge(m)
             return m
 
-    def _run_adapt(tenant: str, model_id: str, payload: dict, task: str | None = None):
-        """Send one adapt (or adapter predict) request to the adapt queue and wait for its reply until the
-        request's deadline (``adapt_timeout``): 504 after it, 503 while the broker is unreachable, 429 when the
-        tenant already has ``adapt_tenant_concurrency`` requests in flight. The message expires at the deadline,
-        so a worker that reaches it late drops it instead of running work nobody waits for."""
+    def _send_and_wait(tenant: str, model_id: str, payload: dict, task: str, route: str):
         from redis.exceptions import RedisError
 
-        from worker.celery_app import ADAPT, ADAPT_QUEUE
+        from worker.celery_app import ADAPT_QUEUE
         from worker.redis_util import reply_key
 
         r = app.state.redis
@@ -656,7 +604,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             t0 = time.perf_counter()
             deadline = time.monotonic() + settings.adapt_timeout
             try:
-                app.state.celery.send_task(task or ADAPT, args=[rid, model_id, payload], queue=ADAPT_QUEUE,
+                app.state.celery.send_task(task, args=[rid, model_id, payload], queue=ADAPT_QUEUE,
                                            expires=settings.adapt_timeout)
             except Exception:  # kombu's OperationalError and friends: the broker is down
                 log.exception("adapt request %s: send failed", rid)
@@ -675,8 +623,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 r.decr(slot)
             except RedisError:
                 pass
-        if task is None:
-            app.state.adapt_latency.observe(time.perf_counter() - t0)
+        ADAPT_LATENCY.labels(route).observe(time.perf_counter() - t0)
+        return got
+
+    def _run_adapt(tenant: str, model_id: str, payload: dict, task: str | None = None):
+        """Send one adapt (or adapter predict) request to the adapt queue and wait for its reply until the
+        request's deadline (``adapt_timeout``): 504 after it, 503 while the broker is unreachable, 429 when the
+        tenant already has ``adapt_tenant_concurrency`` requests in flight. The message expires at the deadline,
+        so a worker that reaches it late drops it instead of running work nobody waits for."""
+        from worker.celery_app import ADAPT
+
+        route = "adapt" if task is None else "adapter_predict"
+        try:
+            got = _send_and_wait(tenant, model_id, payload, task or ADAPT, route)
+        except ApiError as e:
+            if e.status in (429, 503, 504):
+                ADAPT_REJECTED.labels(route, str(e.status)).inc()
+            raise
         out = json.loads(got[1])
         if not out.pop("ok"):
             if out["status"] == 422:

@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -52,6 +53,11 @@ def cmd_serve(a):
         sys.exit(f"metashrink serve: cannot use the data directory {data}: {e.strerror or e}")
     _migrate(settings)
     os.environ["METASHRINK_DATA_DIR"] = str(data)
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:  # one metrics directory for this process tree
+        prom = data / "prometheus"  # (store.telemetry); emptied, its files are the last run's per-pid counters
+        shutil.rmtree(prom, ignore_errors=True)
+        prom.mkdir()
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
     from store.settings import Settings
     settings = Settings()
     logs = data / "logs"

@@ -135,6 +135,8 @@ class Supervisor(threading.Thread):
                     if now >= c.restart_at:
                         log.warning("restarting %s (restart %d)", c.name, c.restarts + 1)
                         c.restarts += 1
+                        from store.telemetry import RESTARTS  # late: after serve chose the metrics dir
+                        RESTARTS.labels(c.name).inc()
                         self._spawn(c)
                     continue
                 code = c.proc.poll()

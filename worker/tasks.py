@@ -20,6 +20,7 @@ from store import jobs as Q
 from store.artifacts import make_store
 from store.db import Database
 from store.datasets import dataset_ids, get_collection
+from store.telemetry import META_STEPS
 from store.models import (Adapter, Checkpoint, Dataset, Evaluation, Job, JobMetric, MetaModelRow, ModuleMap,
                           new_id)
 
@@ -172,8 +173,10 @@ def _train(rt: _Runtime, job_id: str, owner: str):
         return cancel
 
     stop = val is not None and val.exhausted()  # resumed after the patience ran out: publish now
+    steps_run = META_STEPS.labels(cfg["algorithm"]["name"])
     while trainer.step_count < total and not stop:
         m = trainer.step()
+        steps_run.inc()
         step = trainer.step_count
         pending.append((step, m))
         last = step == total

@@ -158,6 +158,12 @@ def test_dead_worker_and_dead_broker_are_restarted(serve):
         time.sleep(0.1)
     serve.ready(timeout=120)
     assert serve.run_job()["status"] == "succeeded"
+    # the supervisor and the workers report through serve's multiprocess metrics directory
+    text = serve.client.get("/metrics").text
+    samples = dict(ln.rsplit(" ", 1) for ln in text.splitlines() if ln and not ln.startswith("#"))
+    assert float(samples['metashrink_supervisor_restarts_total{child="train worker"}']) >= 1
+    assert float(samples['metashrink_supervisor_restarts_total{child="redis-server"}']) >= 1
+    assert float(samples['metashrink_meta_steps_total{algorithm="sigma_reptile"}']) >= 40
 
 
 def test_sigkilled_serve_leaves_no_orphans_and_releases_its_data_dir(serve, tmp_path):

@@ -457,13 +457,25 @@ def test_adapter_saved_and_predicts_like_adapt(service, reference):
 
 
 def test_prometheus_metrics(service, reference):
-    mid = reference[1]["model_id"]
-    service.client.post(f"/v1/models/{mid}/adapt", headers=service.h(), json={
+    mid, c, h = reference[1]["model_id"], service.client, service.h()
+    c.post(f"/v1/models/{mid}/adapt", headers=h, json={
         "support": {"x": [[0.0]], "y": [[0.0]]}, "query": {"x": [[0.5]]}, "steps": 1})
-    r = service.client.get("/metrics")
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    text = r.text
-    assert 'metashrink_jobs{status="succeeded"}' in text and 'metashrink_evaluations{status="queued"}' in text
-    count = [ln for ln in text.splitlines() if ln.startswith("metashrink_adapt_latency_seconds_count ")]
-    assert count and int(count[0].split()[1]) >= 1
-    assert 'metashrink_adapt_latency_seconds_bucket{le="+Inf"}' in text
+    r, slot = service.app.state.redis, "metashrink:adapt-inflight:alice"
+    r.set(slot, 100)  # a 429
+    try:
+        assert c.post(f"/v1/models/{mid}/adapt", headers=h, json=GOOD).status_code == 429
+    finally:
+        r.delete(slot)
+    res = c.get("/metrics")
+    assert res.status_code == 200 and res.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for ln in res.text.splitlines():
+        if ln and not ln.startswith("#"):
+            name, value = ln.rsplit(" ", 1)
+            samples[name] = float(value)
+    assert samples['metashrink_jobs{status="succeeded"}'] >= 1 and 'metashrink_evaluations{status="queued"}' in samples
+    assert samples['metashrink_adapt_latency_seconds_count{route="adapt"}'] >= 1
+    assert 'metashrink_adapt_latency_seconds_bucket{le="+Inf",route="adapt"}' in samples
+    assert samples['metashrink_adapt_rejected_total{route="adapt",status="429"}'] >= 1
+    assert samples['metashrink_workers{queue="train"}'] >= 1 and samples['metashrink_workers{queue="adapt"}'] >= 1
+    assert samples['metashrink_queue_depth{queue="train"}'] >= 0
