@@ -585,7 +585,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         from redis.exceptions import RedisError
 
         from worker.celery_app import ADAPT_QUEUE
-        from worker.redis_util import reply_key
+        from worker.redis_util import BLPOP_SLICE, reply_key
 
         r = app.state.redis
         slot = f"metashrink:adapt-inflight:{tenant}"
@@ -614,8 +614,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise ApiError(504, f"no adapt worker answered within {settings.adapt_timeout:g} s")
-                try:  # short waits: a client-side socket timeout never outlives the deadline
-                    got = r.blpop([reply_key(rid)], timeout=min(5.0, max(left, 0.01)))
+                try:  # waits shorter than the client's socket timeout, looped until the deadline
+                    got = r.blpop([reply_key(rid)], timeout=min(BLPOP_SLICE, max(left, 0.01)))
                 except RedisError:
                     raise unavailable from None
         finally:

@@ -6,11 +6,16 @@ from urllib.parse import urlparse
 import redis
 
 
+# explicit, above BLPOP_SLICE: redis-py 8 defaults to a 5 s socket timeout, which a blocking pop of 5 s races
+SOCKET_TIMEOUT = 10.0
+BLPOP_SLICE = 2.0  # seconds one blocking pop waits; callers loop until their own deadline
+
+
 def redis_client(url: str) -> redis.Redis:
+    kw = {"socket_timeout": SOCKET_TIMEOUT, "socket_connect_timeout": 5.0}
     if url.startswith("redis+socket://"):
-        u = urlparse(url)
-        return redis.Redis(unix_socket_path=u.path)
-    return redis.Redis.from_url(url)
+        return redis.Redis(unix_socket_path=urlparse(url).path, **kw)
+    return redis.Redis.from_url(url, **kw)
 
 
 def reply_key(request_id: str) -> str:
