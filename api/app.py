@@ -228,7 +228,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.db = Database(settings.database_url)
     app.state.store = make_store(settings)
     app.state.celery = make_celery(settings)
-    app.state.redis = redis_client(settings.broker())
+    app.state.redis = redis_client(settings.broker(), retry=False)
     app.state.key_cache = {}
     errors.install(app)
 

@@ -49,6 +49,17 @@ def made_progress(session, job_id: str, owner: str):
                     .execution_options(synchronize_session=False))
 
 
+def release(session, job_id: str, owner: str) -> None:
+    """The worker was told to stop (SIGTERM: a shutdown, or Celery cancelling tasks after losing the broker):
+    the job goes back to ``queued`` at once, this attempt not counted, with no message on record, so the
+    reconciler's next sweep sends it again."""
+    session.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.status == "running")
+                    .values(status="queued", lease_owner=None, lease_expires_at=None, enqueued_at=None,
+                            attempts=Job.attempts - 1,  # a claim counted it: >= 1 while running
+                            updated_at=utcnow())
+                    .execution_options(synchronize_session=False))
+
+
 def retry(session, job_id: str) -> bool:
     """A failed or canceled job back to ``queued`` with a fresh attempt budget; the worker that claims it
     resumes from its latest checkpoint. False when the job is not failed or canceled."""

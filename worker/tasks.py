@@ -111,6 +111,13 @@ def run_job(job_id: str):
             return "skipped"
     try:
         return _train(rt, job_id, owner)
+    except SystemExit:  # billiard's SIGTERM handler in pool children: a shutdown, or Celery cancelling the task
+        # after losing the broker. Hand the job back now rather than when its lease expires (re-sent by the
+        # reconciler's next sweep).
+        log.warning("job %s: terminated; released to the queue", job_id)
+        with rt.db.session() as ses:
+            Q.release(ses, job_id, owner)
+        raise
     except LeaseLost:
         log.warning("job %s: lease lost; stopping", job_id)
         return "lease-lost"
