@@ -84,8 +84,10 @@ class SigmaReptile(_Shrinkage, _Implicit):
         "task", description="the data phi's MAP (Eq. 9) is fitted on. 'support': the paper's D^train exactly (App. "
         "A's closed forms hold for it). 'task' (default): support and query together, the data Reptile adapts on; "
         "sigma^2 still gets the implicit gradient of the query loss at theta fitted on the support. With 1-shot "
-        "supports 'support' starves phi of data: Omniglot 5-way, 400 meta-steps, val accuracy 0.39 ('support') vs "
-        "0.71 ('task') vs Reptile 0.71; docs/results/omniglot_5way.md has the 2,000-step runs")
+        "supports 'support' starves phi of data: Omniglot 5-way 1-shot, 2,000 meta-steps, test accuracy after 10 "
+        "steps 0.834 ('task') vs 0.398 ('support') vs Reptile 0.841 (docs/results/omniglot_5way.md); sinusoid "
+        "with the defaults, MSE after 100 steps 0.148 ('task') vs 0.184 ('support') vs Reptile 0.149 "
+        "(docs/results/sinusoid.md)")
 
 
 class Reptile(Strict):
