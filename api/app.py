@@ -16,10 +16,11 @@ from datetime import datetime
 from typing import Annotated, Optional
 
 from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi_offline import FastAPIOffline
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import ValidationError
-from sqlalchemy import and_, func, or_, select, text, update
+from sqlalchemy import and_, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from schemas import JobConfig
@@ -36,7 +37,7 @@ from store.settings import Settings
 from store.telemetry import ADAPT_LATENCY, ADAPT_REJECTED
 
 from . import errors
-from .errors import ApiError, pydantic_errors, unprocessable
+from .errors import ApiError, install_openapi, json_body, pydantic_errors, unprocessable
 from .metrics import install as install_metrics
 from .metrics import workers_by_queue
 from .validation import as_array, check_inputs, check_targets
@@ -218,7 +219,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if rec is not None:
             rec.stop.set()
 
-    app = FastAPI(title="Metashrink", version="0.1.0", lifespan=lifespan,
+    app = FastAPIOffline(title="Metashrink", version="0.1.0", lifespan=lifespan,  # /docs, /redoc without a CDN
                   description="Modular meta-learning with shrinkage: meta-training jobs, sigma^2 module maps, "
                               "checkpoints and few-shot adaptation.")
     from worker.celery_app import make_celery
@@ -300,7 +301,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_metrics(app)
 
     # ------------------------------------------------------------------ jobs
-    @app.post("/v1/jobs", status_code=202, response_model=JobCreated, tags=["jobs"])
+    @app.post("/v1/jobs", status_code=202, response_model=JobCreated, tags=["jobs"], openapi_extra=json_body(JobConfig))
     async def create_job(request: Request, t: Tenant,
                          idempotency_key: Annotated[Optional[str], Header(max_length=128)] = None):
         cfg = (await read_json(request, settings.job_max_bytes, JobConfig,
@@ -522,8 +523,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                             filename=f"{model_id}.safetensors", headers={"X-Checksum-Sha256": m.sha256})
 
     @app.post("/v1/models/{model_id}/adapt", response_model=AdaptOut, tags=["models"],
-              openapi_extra={"requestBody": {"content": {"application/json": {
-                  "schema": AdaptRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}})
+              openapi_extra=json_body(AdaptRequest))
     async def adapt(model_id: str, request: Request, t: Tenant):
         req = await read_json(request, settings.adapt_max_bytes, AdaptRequest)
         m = await run_in_threadpool(_model_for, t, model_id)
@@ -532,8 +532,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return await run_in_threadpool(_run_adapt, t, model_id, payload)
 
     @app.post("/v1/models/{model_id}/evaluations", status_code=202, tags=["evaluations"],
-              openapi_extra={"requestBody": {"content": {"application/json": {
-                  "schema": EvaluationRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}})
+              openapi_extra=json_body(EvaluationRequest))
     async def create_evaluation(model_id: str, request: Request, t: Tenant):
         req = await read_json(request, 64 * 1024, EvaluationRequest, empty=b"{}",
                               object_msg="body: must be a JSON object")
@@ -660,7 +659,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"id": a.id, "model_id": a.model_id, "modules": a.modules, "steps": a.steps, "bytes": a.bytes,
                 "sha256": a.sha256, "created_at": a.created_at}
 
-    @app.post("/v1/adapters/{adapter_id}/predict", response_model=PredictOut, tags=["adapters"])
+    @app.post("/v1/adapters/{adapter_id}/predict", response_model=PredictOut, tags=["adapters"],
+              openapi_extra=json_body(PredictRequest))
     async def adapter_predict(adapter_id: str, request: Request, t: Tenant):
         from worker.celery_app import ADAPTER_PREDICT
         req = await read_json(request, settings.adapt_max_bytes, PredictRequest)
@@ -680,8 +680,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # ------------------------------------------------------------------ live views: SSE events, dashboard
     from .live import install as install_live
     install_live(app, tenant)
-
+    install_openapi(app, (JobConfig, AdaptRequest, EvaluationRequest, PredictRequest), _errors_for)
     return app
+
+
+BODY_ROUTES = {("/v1/jobs", "post"), ("/v1/models/{model_id}/adapt", "post"), ("/v1/datasets", "post"),
+               ("/v1/models/{model_id}/evaluations", "post"), ("/v1/adapters/{adapter_id}/predict", "post")}
+ADAPT_ROUTES = {("/v1/models/{model_id}/adapt", "post"), ("/v1/adapters/{adapter_id}/predict", "post")}
+
+
+def _errors_for(path: str, method: str, op: dict) -> set:
+    """The error statuses an operation can answer (documented as problem+json in the OpenAPI document)."""
+    codes = set()
+    if path.startswith("/v1/"):
+        codes.add(401)
+        if "{" in path:
+            codes.add(404)
+        if op.get("parameters") or op.get("requestBody"):
+            codes.add(422)
+    if (path, method) in BODY_ROUTES:
+        codes |= {413, 422}
+    if (path, method) in ADAPT_ROUTES:
+        codes |= {429, 503, 504}
+    if path.endswith("/retry"):
+        codes.add(409)
+    if path == "/readyz":
+        codes.add(503)
+    return codes
 
 
 def check_validation_split(cfg: dict) -> None:

@@ -27,8 +27,8 @@ def pydantic_errors(exc: ValidationError | RequestValidationError, prefix=()) ->
 
 
 TITLES = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
-          409: "Conflict", 413: "Payload Too Large", 422: "Unprocessable Entity", 500: "Internal Server Error",
-          503: "Service Unavailable", 504: "Gateway Timeout"}
+          409: "Conflict", 413: "Payload Too Large", 422: "Unprocessable Entity", 429: "Too Many Requests",
+          500: "Internal Server Error", 503: "Service Unavailable", 504: "Gateway Timeout"}
 
 
 def problem(status: int, detail: str, errors: list | None = None, headers=None) -> JSONResponse:
@@ -58,3 +58,56 @@ def install(app: FastAPI):
         import logging
         logging.getLogger("metashrink.api").exception("unhandled error")
         return problem(500, f"internal error: {type(exc).__name__}")
+
+
+# --------------------------------------------------------------------------- the OpenAPI document as the contract
+PROBLEM_SCHEMA = {
+    "type": "object", "title": "Problem", "required": ["type", "title", "status", "detail"],
+    "properties": {"type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
+                   "detail": {"type": "string"},
+                   "errors": {"type": "array", "items": {
+                       "type": "object", "required": ["loc", "msg"],
+                       "properties": {"loc": {"type": "array", "items": {"anyOf": [{"type": "string"},
+                                                                                 {"type": "integer"}]}},
+                                      "msg": {"type": "string"}}}}}}
+
+
+def json_body(model) -> dict:
+    """``openapi_extra`` for a route that reads its JSON body itself (capped, parsed off the event loop): the
+    model's schema as the documented request body (its definitions go to components, see ``install_openapi``)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+def install_openapi(app: FastAPI, body_models, errors_for) -> None:
+    """Post-process FastAPI's document: the request-body models (and their definitions) in components, and every
+    operation's error responses (``errors_for(path, method, op) -> status codes``) as ``application/problem+json``
+    with the Problem schema, replacing FastAPI's default 422 (which this API never sends)."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi():
+        if app.openapi_schema:
+            return app.openapi_schema
+        doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        comps = doc.setdefault("components", {}).setdefault("schemas", {})
+        for model in body_models:
+            js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, d in js.pop("$defs", {}).items():
+                comps.setdefault(name, d)
+            comps[model.__name__] = js
+        comps["Problem"] = PROBLEM_SCHEMA
+        content = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+        for path, item in doc["paths"].items():
+            for method, op in item.items():
+                responses = op.setdefault("responses", {})
+                for code in sorted(set(errors_for(path, method, op)) | ({422} if "422" in responses else set())):
+                    headers = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}} \
+                        if code in (429, 503) else None
+                    responses[str(code)] = {"description": TITLES[code], "content": content,
+                                            **({"headers": headers} if headers else {})}
+        for unused in ("HTTPValidationError", "ValidationError"):
+            comps.pop(unused, None)
+        app.openapi_schema = doc
+        return doc
+
+    app.openapi = openapi

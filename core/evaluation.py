@@ -20,7 +20,6 @@ import torch
 from torch.func import grad, vmap
 
 from .adapt import NonFiniteError
-from .models import apply
 from .modules import prior_penalty
 from .optim import build_optimizer
 

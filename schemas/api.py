@@ -1,11 +1,15 @@
 """Request/response schemas of the HTTP API (the job config itself is schemas.job.JobConfig)."""
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, WithJsonSchema
 
+# timestamps are stored as naive UTC (SQLite keeps no zone); answered as RFC 3339 with the offset
+UtcDatetime = Annotated[datetime, PlainSerializer(
+    lambda d: (d if d.tzinfo else d.replace(tzinfo=timezone.utc)).isoformat(), return_type=str,
+    when_used="json"), WithJsonSchema({"type": "string", "format": "date-time"})]
 
 class _Out(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -35,8 +39,8 @@ class JobOut(_Out):
     best_checkpoint_id: Optional[str] = Field(None, description="the checkpoint with the best validation score")
     attempts: int = 0
     cancel_requested: bool = False
-    created_at: datetime
-    updated_at: datetime
+    created_at: UtcDatetime
+    updated_at: UtcDatetime
     config: Optional[dict[str, Any]] = None
 
 
@@ -46,7 +50,7 @@ class JobPage(BaseModel):
 
 
 class MetricsOut(BaseModel):
-    series: dict[str, list[tuple[int, Optional[float]]]]
+    series: dict[str, list[list[Optional[float]]]] = Field(description="name -> [[step, value], ...]")
 
 
 class ModuleEntry(BaseModel):
@@ -100,7 +104,7 @@ class ModelOut(_Out):
     selected_share: float = Field(description="share of the parameters in the selected task-specific modules")
     sha256: str
     bytes: int
-    created_at: datetime
+    created_at: UtcDatetime
 
 
 class ModelPage(BaseModel):

@@ -11,9 +11,10 @@ import signal
 import socket
 import time
 import uuid
-from pathlib import Path
 
 import pytest
+
+from benchmarks.serve_harness import job_config
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
@@ -28,12 +29,7 @@ def _reachable(host, port):
 
 
 def small_config(steps=40, seed=0, **over):
-    cfg = {"algorithm": {"name": "sigma_reptile"}, "model": {"arch": "mlp", "hidden": [40, 40]},
-           "modules": {"partition": "per_tensor"}, "tasks": {"family": "sinusoid", "shots": 10, "query": 10},
-           "inner": {"optimizer": "proximal_gd", "lr": 0.01, "steps": 5},
-           "outer": {"meta_batch": 10, "steps": steps, "lr_phi": 0.003, "lr_log_sigma2": 0.01},
-           "execution": {"vectorize": "vmap", "device": "cpu"},
-           "run": {"checkpoint_every": 10, "module_map_every": 10, "log_every": 5}, "seed": seed}
+    cfg = {**job_config(steps), "seed": seed}
     cfg.update(over)
     return cfg
 
@@ -133,7 +129,7 @@ def service(request, tmp_path_factory):
         "METASHRINK_REQUEUE_QUEUED_AFTER": "60", "METASHRINK_MAX_ATTEMPTS": "3",
         "METASHRINK_ADAPT_MAX_STEPS": "2000", "METASHRINK_ADAPT_MAX_ROWS": "500",
         "METASHRINK_ADAPT_MAX_BYTES": "200000", "METASHRINK_ADAPT_TIMEOUT": "120",
-        "METASHRINK_DATASET_MAX_BYTES": "4000000", "METASHRINK_DATASET_MAX_PIXELS": "3000000",
+        "METASHRINK_DATASET_MAX_BYTES": "4000000", "METASHRINK_DATASET_MAX_PIXELS": "40000000",
     })
     from store.migrate import upgrade
     from store.settings import Settings

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import time
@@ -98,6 +97,37 @@ def test_lifecycle(service, reference):
         "support": {"x": [[0.0], [1.0]], "y": [[0.0], [1.0]]}, "query": {"x": [[0.5]]}, "steps": 3,
         "modules": "all"}).json()
     assert len(allm["adapted_modules"]) == 6
+
+
+def test_openapi_is_the_contract_and_docs_need_no_cdn(service):
+    import re
+    c = service.client
+    doc = c.get("/openapi.json").json()
+    text = json.dumps(doc)
+    refs = set(re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', text))
+    assert refs and not refs - set(doc["components"]["schemas"]), refs - set(doc["components"]["schemas"])
+    for path, method in (("/v1/jobs", "post"), ("/v1/models/{model_id}/adapt", "post"),
+                         ("/v1/adapters/{adapter_id}/predict", "post"), ("/v1/models/{model_id}/evaluations", "post")):
+        op = doc["paths"][path][method]
+        assert op["requestBody"]["content"]["application/json"]["schema"]["$ref"], path
+        assert {"401", "413", "422"} <= set(op["responses"]), (path, op["responses"].keys())
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            for code, r in op["responses"].items():
+                if code.startswith(("4", "5")):
+                    assert list(r["content"]) == ["application/problem+json"], (path, method, code)
+            if path.startswith("/v1/"):
+                assert "401" in op["responses"], (path, method)
+    assert {"429", "503", "504"} <= set(doc["paths"]["/v1/models/{model_id}/adapt"]["post"]["responses"])
+    # the documentation pages load their scripts and styles from this server, never from a CDN
+    for page in ("/docs", "/redoc"):
+        html = c.get(page).text
+        urls = re.findall(r'(?:src|href)\s*[=:]\s*["\']([^"\']+\.(?:js|css))["\']', html)
+        assert urls, page
+        for u in urls:
+            assert u.startswith("/"), (page, u)
+            r = c.get(u)
+            assert r.status_code == 200 and len(r.content) > 10_000, (page, u)
 
 
 def test_health_and_docs(service):
