@@ -8,6 +8,8 @@ import base64
 import json
 import logging
 import math
+import os
+import socket
 import threading
 import time
 import uuid
@@ -176,6 +178,8 @@ def reconcile_once(app: FastAPI, resend_all: bool = False) -> list[str]:
     st: Settings = app.state.settings
     after = 0.0 if resend_all else st.requeue_queued_after
     with app.state.db.session() as s:
+        if st.reap_local_leases and Q.expire_dead_local(s, socket.gethostname(), _alive):
+            log.warning("reconciler: leases of dead local workers expired")
         ids = Q.reconcile(s, after)
     for job_id in ids:
         log.info("reconciler: (re-)enqueueing job %s", job_id)
@@ -186,6 +190,16 @@ def reconcile_once(app: FastAPI, resend_all: bool = False) -> list[str]:
         log.info("reconciler: (re-)enqueueing evaluation %s", eval_id)
         enqueue_evaluation(app, eval_id)
     return ids + evs
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def enqueue_evaluation(app: FastAPI, eval_id: str):

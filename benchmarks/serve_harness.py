@@ -39,16 +39,18 @@ class Serve:
         env = {k: v for k, v in os.environ.items() if not k.startswith("METASHRINK_")}
         self.log = open(log, "ab")
         self.logpath = log
+        # stdout and stderr to the log file: a pipe nobody drains would fill with access-log lines and stall
+        # the server
         self.proc = subprocess.Popen([sys.executable, "-m", "client.cli", "serve", "--data-dir", str(data),
-                                      "--port", str(self.port)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                     stderr=self.log, text=True)
-        self.key = None
-        for line in self.proc.stdout:  # the key is the line after "API key for tenant"
-            if self.key == "":
-                self.key = line.strip()
-                break
-            if line.startswith("API key for tenant"):
-                self.key = ""
+                                      "--port", str(self.port)], cwd=ROOT, env=env, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        self.key, t0 = None, time.monotonic()
+        while self.key is None and self.proc.poll() is None and time.monotonic() - t0 < 120:
+            lines = log.read_text(errors="replace").splitlines()
+            for i, line in enumerate(lines[:-1]):  # the key is the line after "API key for tenant"
+                if line.startswith("API key for tenant"):
+                    self.key = lines[i + 1].strip()
+            time.sleep(0.1)
         assert self.key, f"serve did not print a key; see {log}"
         self.client = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.key}"}, timeout=30)
 

@@ -53,6 +53,7 @@ def cmd_serve(a):
         sys.exit(f"metashrink serve: cannot use the data directory {data}: {e.strerror or e}")
     _migrate(settings)
     os.environ["METASHRINK_DATA_DIR"] = str(data)
+    os.environ["METASHRINK_REAP_LOCAL_LEASES"] = "1"  # every worker is our child: a dead one's jobs re-queue at once
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:  # one metrics directory for this process tree
         prom = data / "prometheus"  # (store.telemetry); emptied, its files are the last run's per-pid counters
         shutil.rmtree(prom, ignore_errors=True)

@@ -97,6 +97,25 @@ def latest_checkpoint(session, job_id: str):
                           .order_by(Checkpoint.step.desc()).limit(1))
 
 
+def expire_dead_local(session, hostname: str, alive) -> int:
+    """Leases held by processes of this host that no longer exist (``alive(pid)`` false) expire now, so the
+    sweep that follows re-queues their jobs and evaluations at once rather than when the lease runs out. Lease
+    owners are ``host:pid:nonce``. Only for a single host's process tree (the embedded default), where the host
+    name is unique and this process can see every worker's pid. Returns the number of leases expired."""
+    now, n = utcnow(), 0
+    for model in (Job, Evaluation):
+        owners = session.scalars(select(model.lease_owner).where(
+            model.status == "running", model.lease_owner.like(f"{hostname}:%"))).all()
+        dead = [o for o in owners if o.count(":") >= 2 and o.split(":")[-2].isdigit()
+                and not alive(int(o.split(":")[-2]))]
+        if dead:
+            session.execute(update(model).where(model.lease_owner.in_(dead), model.status == "running")
+                            .values(lease_expires_at=now - timedelta(seconds=1))
+                            .execution_options(synchronize_session=False))
+            n += len(dead)
+    return n
+
+
 def reconcile(session, requeue_after: float) -> list[str]:
     """One sweep. Jobs whose lease expired (a lost worker) go back to ``queued`` or fail when their attempts
     are spent; a canceled-but-lost job ends ``canceled``; queued jobs whose message is older than

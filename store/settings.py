@@ -43,6 +43,9 @@ class Settings(BaseSettings):
 
     page_limit_max: int = 100
     reconciler: bool = Field(True, description="run the reconciler loop in the API process")
+    reap_local_leases: bool = Field(False, description="re-queue at the next sweep a job whose lease holder is a "
+                                    "dead process of this host, not when its lease expires; only for one host's "
+                                    "process tree (``metashrink serve`` sets it)")
 
     @model_validator(mode="after")
     def _fill(self):

@@ -52,12 +52,17 @@ def test_cli_against_a_running_and_a_missing_server(serve):
 
 
 def test_dead_worker_and_dead_broker_are_restarted(serve):
+    jid = serve.submit(steps=400)
+    serve.wait(jid, pred=lambda j: j["status"] == "running" and j["progress"]["step"] >= 20)
     train = serve.children()["train"]
-    os.kill(train[0].pid, signal.SIGKILL)  # the worker's main process; its pool child follows it
+    os.kill(train[0].pid, signal.SIGKILL)  # the worker's main process mid-job; its pool child follows it
     assert not all_gone(train), "the prefork child outlived its worker"
     serve.ready(timeout=60)
-    assert serve.run_job()["status"] == "succeeded"
-    assert "train worker" in serve.log_text() and "restarting" in serve.log_text()
+    assert serve.wait(jid)["status"] == "succeeded"
+    log = serve.log_text()
+    assert "train worker" in log and "restarting" in log
+    # the dead pool child's lease was expired by the reconciler, not waited out (serve's lease is 60 s)
+    assert "leases of dead local workers expired" in log
     # the broker, mid-job: adapt answers 503 while it is down, then everything recovers by itself; the job
     # finishes once, its metrics contiguous
     model = serve.run_job(steps=5)["model_id"]
