@@ -81,15 +81,13 @@ class SharedState:
 
 
 def install(app: FastAPI) -> None:
-    shared = SharedState(app)
+    registry = CollectorRegistry()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
-        registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
     else:
-        registry = CollectorRegistry()
         registry.register(_Default())
-    registry.register(shared)
+    registry.register(SharedState(app))
 
     @app.get("/metrics", tags=["health"], response_class=Response,
              responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})

@@ -106,8 +106,8 @@ def expire_dead_local(session, hostname: str, alive) -> int:
     for model in (Job, Evaluation):
         owners = session.scalars(select(model.lease_owner).where(
             model.status == "running", model.lease_owner.like(f"{hostname}:%"))).all()
-        dead = [o for o in owners if o.count(":") >= 2 and o.split(":")[-2].isdigit()
-                and not alive(int(o.split(":")[-2]))]
+        pids = {o: o.split(":")[-2] for o in owners if o.count(":") >= 2}
+        dead = [o for o, pid in pids.items() if pid.isdigit() and not alive(int(pid))]
         if dead:
             session.execute(update(model).where(model.lease_owner.in_(dead), model.status == "running")
                             .values(lease_expires_at=now - timedelta(seconds=1))

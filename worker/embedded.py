@@ -11,7 +11,7 @@ with their parent, dead children restarted with back-off.
   orphans behind to consume its queues.
 
 Not supervisord or circus: neither can give a child parent-death semantics, and a supervisor process of their
-own would be one more thing to orphan; what is needed here is the ~100 lines below.
+own would be one more thing to orphan; what is needed here is the lock and the small supervisor below.
 """
 from __future__ import annotations
 

@@ -20,9 +20,9 @@ from store import jobs as Q
 from store.artifacts import make_store
 from store.db import Database
 from store.datasets import dataset_ids, get_collection
-from store.telemetry import META_STEPS
 from store.models import (Adapter, Checkpoint, Dataset, Evaluation, Job, JobMetric, MetaModelRow, ModuleMap,
                           new_id)
+from store.telemetry import META_STEPS
 
 from .celery_app import ADAPT, ADAPTER_PREDICT, RUN_EVALUATION, RUN_JOB, app
 from .redis_util import redis_client, reply_key
