@@ -41,7 +41,6 @@ class Settings(BaseSettings):
     dataset_max_pixels: int = Field(256 * 1024 ** 2, ge=1, description="decoded pixels in one image upload, checked "
                                     "from each image's header before decoding (a zip bomb of blank PNGs is 422)")
 
-    page_limit_max: int = 100
     reconciler: bool = Field(True, description="run the reconciler loop in the API process")
     reap_local_leases: bool = Field(False, description="re-queue at the next sweep a job whose lease holder is a "
                                     "dead process of this host, not when its lease expires; only for one host's "

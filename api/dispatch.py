@@ -1,0 +1,164 @@
+"""Sending work to the Celery workers: job and evaluation ids to the ``train`` queue (the database row is the
+truth; the reconciler re-sends what the broker lost), and adapt requests to the ``adapt`` queue with a wait for
+the reply until the request's deadline."""
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+
+from fastapi import FastAPI
+
+from store import jobs as Q
+from store.settings import Settings
+from store.telemetry import ADAPT_LATENCY, ADAPT_REJECTED
+
+from .errors import ApiError, unprocessable
+
+log = logging.getLogger("metashrink.api")
+
+
+def enqueue(app: FastAPI, job_id: str):
+    from worker.celery_app import RUN_JOB, TRAIN_QUEUE
+    app.state.celery.send_task(RUN_JOB, args=[job_id], queue=TRAIN_QUEUE)
+
+
+def enqueue_evaluation(app: FastAPI, eval_id: str):
+    from worker.celery_app import RUN_EVALUATION, TRAIN_QUEUE
+    app.state.celery.send_task(RUN_EVALUATION, args=[eval_id], queue=TRAIN_QUEUE)
+
+
+def try_send(send, app: FastAPI, id_: str):
+    """Send now if the broker is up; otherwise log it: the reconciler re-sends it once the broker is back."""
+    try:
+        send(app, id_)
+    except Exception:
+        log.exception("enqueue of %s failed", id_)
+
+
+class Reconciler(threading.Thread):
+    """Sweeps every ``reconcile_interval`` seconds (``reconcile_once``). The first sweep after start-up and the
+    first after the broker comes back re-send every queued job and evaluation, not only stale ones: messages
+    sent while the broker was down, or lost with it, are delivered again (a duplicate is harmless: a claim is
+    a conditional UPDATE)."""
+
+    def __init__(self, app: FastAPI):
+        super().__init__(daemon=True, name="metashrink-reconciler")
+        self.app, self.stop = app, threading.Event()
+
+    def run(self):
+        st: Settings = self.app.state.settings
+        resend_all = True
+        while True:
+            try:
+                self.app.state.redis.ping()
+            except Exception:
+                resend_all = True  # the broker is down: sweep the database anyway, re-send everything after
+            try:
+                reconcile_once(self.app, resend_all)
+                resend_all = False
+            except Exception:
+                log.exception("reconciler sweep failed")
+            if self.stop.wait(st.reconcile_interval):
+                return
+
+
+def reconcile_once(app: FastAPI, resend_all: bool = False) -> list[str]:
+    st: Settings = app.state.settings
+    after = 0.0 if resend_all else st.requeue_queued_after
+    with app.state.db.session() as s:
+        if st.reap_local_leases and Q.expire_dead_local(s, socket.gethostname(), _alive):
+            log.warning("reconciler: leases of dead local workers expired")
+        ids = Q.reconcile(s, after)
+    for job_id in ids:
+        log.info("reconciler: (re-)enqueueing job %s", job_id)
+        enqueue(app, job_id)
+    with app.state.db.session() as s:
+        evs = Q.reconcile_evaluations(s, after)
+    for eval_id in evs:
+        log.info("reconciler: (re-)enqueueing evaluation %s", eval_id)
+        enqueue_evaluation(app, eval_id)
+    return ids + evs
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --------------------------------------------------------------------------- adapt requests
+def _send_and_wait(app: FastAPI, tenant: str, target_id: str, payload: dict, task: str, route: str):
+    from redis.exceptions import RedisError
+
+    from worker.celery_app import ADAPT_QUEUE
+    from worker.redis_util import BLPOP_SLICE, reply_key
+
+    settings: Settings = app.state.settings
+    r = app.state.redis
+    slot = f"metashrink:adapt-inflight:{tenant}"
+    unavailable = ApiError(503, "the broker is unavailable; retry shortly", headers={"Retry-After": "5"})
+    try:
+        n = r.incr(slot)
+        r.expire(slot, int(settings.adapt_timeout) + 60)  # a crashed API process cannot hold slots forever
+    except RedisError:
+        raise unavailable from None
+    try:
+        if n > settings.adapt_tenant_concurrency:
+            raise ApiError(429, f"{n - 1} adapt requests of this tenant are in flight (limit "
+                                f"{settings.adapt_tenant_concurrency}); retry when one has finished",
+                           headers={"Retry-After": "1"})
+        rid = uuid.uuid4().hex
+        t0 = time.perf_counter()
+        deadline = time.monotonic() + settings.adapt_timeout
+        try:
+            app.state.celery.send_task(task, args=[rid, target_id, payload], queue=ADAPT_QUEUE,
+                                       expires=settings.adapt_timeout)
+        except Exception:  # kombu's OperationalError and friends: the broker is down
+            log.exception("adapt request %s: send failed", rid)
+            raise unavailable from None
+        got = None
+        while got is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ApiError(504, f"no adapt worker answered within {settings.adapt_timeout:g} s")
+            try:  # waits shorter than the client's socket timeout, looped until the deadline
+                got = r.blpop([reply_key(rid)], timeout=min(BLPOP_SLICE, max(left, 0.01)))
+            except RedisError:
+                raise unavailable from None
+    finally:
+        try:
+            r.decr(slot)
+        except RedisError:
+            pass
+    ADAPT_LATENCY.labels(route).observe(time.perf_counter() - t0)
+    return got
+
+
+def run_adapt(app: FastAPI, tenant: str, target_id: str, payload: dict, task: str | None = None):
+    """Send one adapt (or adapter predict) request to the adapt queue and wait for its reply until the
+    request's deadline (``adapt_timeout``): 504 after it, 503 while the broker is unreachable, 429 when the
+    tenant already has ``adapt_tenant_concurrency`` requests in flight. The message expires at the deadline,
+    so a worker that reaches it late drops it instead of running work nobody waits for."""
+    from worker.celery_app import ADAPT
+
+    route = "adapt" if task is None else "adapter_predict"
+    try:
+        got = _send_and_wait(app, tenant, target_id, payload, task or ADAPT, route)
+    except ApiError as e:
+        if e.status in (429, 503, 504):
+            ADAPT_REJECTED.labels(route, str(e.status)).inc()
+        raise
+    out = json.loads(got[1])
+    if not out.pop("ok"):
+        if out["status"] == 422:
+            raise unprocessable(["body"], out["message"])
+        raise ApiError(500, f"adaptation failed: {out['message']}")
+    return out

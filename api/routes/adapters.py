@@ -1,0 +1,41 @@
+"""Adapters: the task-specific modules an adapt kept (``save_adapter``), and predictions with them."""
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+
+from schemas.api import PredictOut, PredictRequest
+from store.models import MetaModelRow
+
+from ..bodies import read_json
+from ..deps import Session, Tenant, own_adapter
+from ..dispatch import run_adapt
+from ..errors import json_body, unprocessable
+from ..validation import as_array, check_inputs
+
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+
+
+@router.get("/{adapter_id}")
+def get_adapter(adapter_id: str, s: Session, t: Tenant):
+    a = own_adapter(s, t, adapter_id)
+    return {"id": a.id, "model_id": a.model_id, "modules": a.modules, "steps": a.steps, "bytes": a.bytes,
+            "sha256": a.sha256, "created_at": a.created_at}
+
+
+@router.post("/{adapter_id}/predict", response_model=PredictOut, openapi_extra=json_body(PredictRequest))
+async def adapter_predict(adapter_id: str, request: Request, t: Tenant):
+    from worker.celery_app import ADAPTER_PREDICT
+    app = request.app
+    req = await read_json(request, app.state.settings.adapt_max_bytes, PredictRequest)
+
+    def lookup():
+        with app.state.db.session() as s:
+            a = own_adapter(s, t, adapter_id)
+            m = s.get(MetaModelRow, a.model_id)
+            s.expunge(m)
+            return m
+    m = await run_in_threadpool(lookup)
+    if len(req.x) > app.state.settings.adapt_max_rows:
+        raise unprocessable(["x"], f"{len(req.x)} rows is above the cap of {app.state.settings.adapt_max_rows} rows")
+    x = check_inputs(as_array(req.x, "x"), "x", tuple(m.input_shape))
+    return await run_in_threadpool(run_adapt, app, t, adapter_id, {"x": x.tolist()}, ADAPTER_PREDICT)

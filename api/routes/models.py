@@ -1,0 +1,78 @@
+"""Published meta-models: list, read, download, and adapt to a support set (answered by the adapt workers)."""
+
+from typing import Optional
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+from sqlalchemy import select
+
+from schemas.api import AdaptOut, AdaptRequest, ModelOut, ModelPage
+from store.models import MetaModelRow
+from store.settings import Settings
+
+from ..bodies import read_json
+from ..deps import Limit, Session, Tenant, own_model, page
+from ..dispatch import run_adapt
+from ..errors import json_body, unprocessable
+from ..validation import as_array, check_inputs, check_targets
+from ..views import model_view
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+@router.get("", response_model=ModelPage)
+def list_models(s: Session, t: Tenant, limit: Limit = 20, cursor: Optional[str] = None):
+    return page(s, select(MetaModelRow).where(MetaModelRow.tenant == t), MetaModelRow, limit, cursor, model_view)
+
+
+@router.get("/{model_id}", response_model=ModelOut)
+def get_model(model_id: str, s: Session, t: Tenant):
+    return model_view(own_model(s, t, model_id))
+
+
+@router.get("/{model_id}/file", response_class=FileResponse)
+def model_file(model_id: str, request: Request, s: Session, t: Tenant):
+    m = own_model(s, t, model_id)
+    return FileResponse(request.app.state.store.path(m.uri), media_type="application/octet-stream",
+                        filename=f"{model_id}.safetensors", headers={"X-Checksum-Sha256": m.sha256})
+
+
+@router.post("/{model_id}/adapt", response_model=AdaptOut, openapi_extra=json_body(AdaptRequest))
+async def adapt(model_id: str, request: Request, t: Tenant):
+    app = request.app
+    req = await read_json(request, app.state.settings.adapt_max_bytes, AdaptRequest)
+    m = await run_in_threadpool(detached_model, app, t, model_id)
+    payload = validate_adapt(req, m, app.state.settings)
+    payload.update(save_adapter=req.save_adapter, tenant=t)
+    return await run_in_threadpool(run_adapt, app, t, model_id, payload)
+
+
+def detached_model(app, t: str, model_id: str) -> MetaModelRow:
+    with app.state.db.session() as s:
+        m = own_model(s, t, model_id)
+        s.expunge(m)
+        return m
+
+
+def validate_adapt(req: AdaptRequest, m: MetaModelRow, settings: Settings) -> dict:
+    if req.steps > settings.adapt_max_steps:
+        raise unprocessable(["steps"], f"{req.steps} is above the cap of {settings.adapt_max_steps} steps")
+    names = [r["name"] for r in m.module_map]
+    if isinstance(req.modules, list):
+        if not req.modules:
+            raise unprocessable(["modules"], "an empty list adapts nothing; use steps 0 for unadapted predictions")
+        unknown = [x for x in req.modules if x not in names]
+        if unknown:
+            raise unprocessable(["modules"], f"unknown modules {unknown}; this model's modules are {names}")
+    cap = settings.adapt_max_rows
+    for field, v in (("support.x", req.support.x), ("support.y", req.support.y), ("query.x", req.query.x)):
+        if len(v) > cap:
+            raise unprocessable(field.split("."), f"{len(v)} rows is above the cap of {cap} rows")
+    cls = m.kind == "classification"
+    xs = check_inputs(as_array(req.support.x, "support.x"), "support.x", tuple(m.input_shape))
+    ys = check_targets(as_array(req.support.y, "support.y", integer=cls), "support.y", m.kind, m.output_dim,
+                       xs.shape[0])
+    xq = check_inputs(as_array(req.query.x, "query.x"), "query.x", tuple(m.input_shape))
+    return {"support": {"x": xs.tolist(), "y": ys.tolist()}, "query": {"x": xq.tolist()}, "steps": req.steps,
+            "modules": req.modules}
