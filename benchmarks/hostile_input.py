@@ -1,0 +1,142 @@
+"""Hostile input against the embedded default, measured (never asserted): ``metashrink serve`` on a fresh data
+directory, then
+
+1. the zip bomb of issue 12: 40 blank 4096x4096 PNGs (a few hundred KB zipped): status, seconds, and the growth
+   of the serve process's resident memory (the API runs in it);
+2. a 300 MB ``POST /v1/jobs`` body announced by Content-Length: status and seconds (refused before reading);
+3. ``/healthz`` latency (p50/p95 of 200 calls) alone, and while four clients keep sending 6 MB adapt bodies
+   (under the 8 MiB cap, so each is read and parsed; their 180,000 rows are then refused by the row cap).
+
+Writes the "Hostile input (embedded default)" section of benchmarks/RESULTS.md.
+
+    python -m benchmarks.hostile_input
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import io
+import os
+import platform
+import re
+import subprocess
+import tempfile
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+
+from benchmarks.serve_harness import ROOT, Serve
+
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+
+
+def bomb(n=40, side=4096) -> bytes:
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((side, side), dtype=np.uint8)).save(buf, format="PNG")
+    png = buf.getvalue()
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        for i in range(n):
+            z.writestr(f"blank/c{i % 2}/{i}.png", png)
+    return out.getvalue()
+
+
+def healthz(s: Serve, n=200) -> np.ndarray:
+    lat = []
+    with httpx.Client(base_url=s.url, timeout=30) as c:
+        for _ in range(n):
+            t = time.perf_counter()
+            c.get("/healthz")
+            lat.append(1000 * (time.perf_counter() - t))
+    return np.percentile(lat, [50, 95])
+
+
+def main():
+    tmp = Path(tempfile.mkdtemp(prefix="metashrink-hostile-"))
+    s = Serve(tmp / "data", tmp / "serve.log")
+    try:
+        s.ready()
+        api = psutil.Process(s.proc.pid)
+        # 1. the bomb
+        data = bomb()
+        rss0, peak, stop = api.memory_info().rss, [0], threading.Event()
+
+        def watch():
+            while not stop.is_set():
+                peak[0] = max(peak[0], api.memory_info().rss)
+                time.sleep(0.02)
+
+        th = threading.Thread(target=watch)
+        th.start()
+        t = time.perf_counter()
+        r = s.client.post("/v1/datasets", files={"file": ("bomb.zip", data)}, data={"kind": "image_classes"},
+                          timeout=300)
+        bomb_s = time.perf_counter() - t
+        stop.set()
+        th.join()
+        bomb_row = (len(data), r.status_code, bomb_s, (peak[0] - rss0) / 2 ** 20, r.json().get("detail", "")[:120])
+        # 2. a 300 MB job body, announced
+        def body():
+            chunk = b" " * (1 << 20)
+            for _ in range(300):
+                yield chunk
+        t = time.perf_counter()
+        try:
+            status = s.client.post("/v1/jobs", content=body(), headers={
+                "Content-Type": "application/json", "Content-Length": str(300 << 20)}, timeout=120).status_code
+        except httpx.TransportError as e:  # the server answered and closed while the client was still sending
+            status = f"connection closed by the server ({type(e).__name__})"
+        big_row = (status, time.perf_counter() - t)
+        # 3. /healthz alone and under four 6 MB adapt bodies
+        alone = healthz(s)
+        model = s.run_job(steps=5)["model_id"]
+        rows = [[0.123456789012345]] * 180_000  # about 6 MB of JSON, under the 8 MiB cap: read and parsed
+        heavy = httpx.Request("POST", "/", json={"support": {"x": rows, "y": rows}, "query": {"x": [[0.0]]}}).content
+        stop.clear()
+        codes: list = []
+
+        def sender(_):
+            with httpx.Client(base_url=s.url, headers=s.client.headers, timeout=120) as c:
+                while not stop.is_set():
+                    codes.append(c.post(f"/v1/models/{model}/adapt", content=heavy,
+                                        headers={"Content-Type": "application/json"}).status_code)
+
+        with cf.ThreadPoolExecutor(4) as ex:
+            futs = [ex.submit(sender, i) for i in range(4)]
+            time.sleep(1.0)
+            loaded = healthz(s)
+            stop.set()
+            for f in futs:
+                f.result()
+    finally:
+        s.stop()
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    lines = ["## Hostile input (embedded default)", "",
+             f"`python -m benchmarks.hostile_input` at {rev}, {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
+             f"{os.cpu_count()} cores; `metashrink serve` with its default caps. Measured, never asserted.", "",
+             "| input | result |", "|---|---|",
+             f"| zip bomb: 40 blank 4096x4096 PNGs, {bomb_row[0] / 1024:.0f} KB zipped | {bomb_row[1]} after "
+             f"{bomb_row[2]:.1f} s; serve's resident memory peaked {bomb_row[3]:.0f} MB above its start "
+             f"(`{bomb_row[4]}`) |",
+             f"| `POST /v1/jobs` announcing 300 MB | {big_row[0]} after {big_row[1]:.2f} s |",
+             f"| `/healthz` p50/p95, idle | {alone[0]:.1f} / {alone[1]:.1f} ms |",
+             f"| `/healthz` p50/p95 while 4 clients send 6 MB adapt bodies | {loaded[0]:.1f} / {loaded[1]:.1f} ms "
+             f"(their codes: { {c: codes.count(c) for c in sorted(set(codes))} }) |"]
+    section = "\n".join(lines) + "\n"
+    text = RESULTS.read_text()
+    if "## Hostile input (embedded default)" in text:
+        text = re.sub(r"## Hostile input \(embedded default\)\n.*?(?=\n## |\Z)", section.rstrip("\n") + "\n", text,
+                      flags=re.S)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    RESULTS.write_text(text)
+    print(section)
+
+
+if __name__ == "__main__":
+    main()
