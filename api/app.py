@@ -34,6 +34,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         if rec is not None:
             rec.stop.set()
+        pool = getattr(app.state, "parser_pool", None)
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
 
     app = FastAPIOffline(title="Metashrink", version="0.1.0", lifespan=lifespan,  # /docs, /redoc without a CDN
                          description="Modular meta-learning with shrinkage: meta-training jobs, sigma^2 module "

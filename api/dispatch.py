@@ -100,6 +100,7 @@ def _send_and_wait(app: FastAPI, tenant: str, target_id: str, payload: dict, tas
 
     from worker.celery_app import ADAPT_QUEUE
     from worker.redis_util import BLPOP_SLICE, reply_key
+    from worker.wire import pack
 
     settings: Settings = app.state.settings
     r = app.state.redis
@@ -119,7 +120,7 @@ def _send_and_wait(app: FastAPI, tenant: str, target_id: str, payload: dict, tas
         t0 = time.perf_counter()
         deadline = time.monotonic() + settings.adapt_timeout
         try:
-            app.state.celery.send_task(task, args=[rid, target_id, payload], queue=ADAPT_QUEUE,
+            app.state.celery.send_task(task, args=[rid, target_id, pack(payload)], queue=ADAPT_QUEUE,
                                        expires=settings.adapt_timeout)
         except Exception:  # kombu's OperationalError and friends: the broker is down
             log.exception("adapt request %s: send failed", rid)

@@ -12,6 +12,9 @@ class ApiError(Exception):
     def __init__(self, status: int, detail: str, errors: list | None = None, headers: dict | None = None):
         self.status, self.detail, self.errors, self.headers = status, detail, errors, headers
 
+    def __reduce__(self):  # raised in a parser process (api.bodies.off_loop), re-raised in the API process
+        return ApiError, (self.status, self.detail, self.errors, self.headers)
+
 
 def unprocessable(field, msg: str) -> ApiError:
     loc = list(field) if isinstance(field, (list, tuple)) else [p for p in str(field).split(".")]

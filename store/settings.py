@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     adapt_max_bytes: int = Field(8 * 1024 * 1024, ge=1, description="request body size of adapt and adapter "
                                  "predict (413 above)")
     job_max_bytes: int = Field(1024 * 1024, ge=1, description="request body size of a job config (413 above)")
+    parser_processes: int = Field(1, ge=1, description="processes per API process that decode and validate large "
+                                                       "JSON bodies, so the event loop never waits on them")
     adapt_timeout: float = Field(120.0, gt=0, description="a request's deadline: seconds the API waits for an adapt "
                                  "result (then 504); the queued message expires with it")
     adapt_tenant_concurrency: int = Field(4, ge=1, description="adapt requests one tenant may have in flight "
