@@ -70,7 +70,10 @@ class Serve:
         """name -> psutil.Process of every descendant, keyed as the supervisor names them."""
         out = {}
         for p in psutil.Process(self.proc.pid).children(recursive=True):
-            cmd = " ".join(p.cmdline())
+            try:
+                cmd = " ".join(p.cmdline())
+            except psutil.Error:  # gone, or a zombie the supervisor has not reaped yet
+                continue
             if "redis-server" in cmd:
                 out.setdefault("redis", []).append(p)
             elif "-Q train" in cmd:

@@ -1,6 +1,11 @@
 """Celery tasks: ``run_job`` (queue train) and ``adapt`` (queue adapt).
 
 torch and core/ are imported inside the task bodies, i.e. in the prefork child process only.
+
+An adapt request's deadline travels as its message's expiry (the API sends it with ``expires=adapt_timeout``):
+Celery drops a message that expired before it started, and ``adapt`` stops an adaptation still running when the
+deadline passes (checked at every inner step), so work the caller has stopped waiting for (it got its 504) never
+holds the adapt worker beyond it.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import uuid
 from collections import OrderedDict
 
 from celery.signals import worker_process_init
+from celery.utils.time import maybe_iso8601
 from sqlalchemy import insert, select, update
 
 from store import jobs as Q
@@ -33,6 +39,10 @@ log = logging.getLogger("metashrink.worker")
 
 class LeaseLost(Exception):
     """Another worker owns the job now (our lease expired): stop without writing anything more."""
+
+
+class DeadlinePassed(Exception):
+    """The adapt request's deadline passed mid-adaptation: the caller has had its 504, nobody waits for a reply."""
 
 
 class _Runtime:
@@ -330,6 +340,9 @@ def _reply(rt: _Runtime, request_id: str, what: str, work) -> None:
     (bad input the core rejected) becomes a 422 message, anything else a logged 500."""
     try:
         out = {"ok": True, **work()}
+    except DeadlinePassed as e:
+        log.warning("%s %s cut at its deadline (%s); no reply", what, request_id, e)
+        return
     except ValueError as e:
         out = {"ok": False, "status": 422, "message": str(e)}
     except Exception as e:
@@ -351,16 +364,29 @@ def _predictions(pred) -> list:
     return pred.double().cpu().tolist()
 
 
-@app.task(name=ADAPT, acks_late=True, reject_on_worker_lost=True)
-def adapt(request_id: str, model_id: str, payload: dict):
+def _deadline_check(expires):
+    """An ``on_step`` callback for ``MetaModel.adapt`` that raises DeadlinePassed once the message's expiry
+    (``self.request.expires``: an ISO 8601 string or a datetime; None without one) has passed."""
+    if not expires:
+        return None
+    deadline = maybe_iso8601(expires).timestamp()
+
+    def check(step, _params):
+        if time.time() > deadline:
+            raise DeadlinePassed(f"after {step} steps")
+    return check
+
+
+@app.task(name=ADAPT, bind=True, acks_late=True, reject_on_worker_lost=True)
+def adapt(self, request_id: str, model_id: str, payload: dict):
     """Adapt a meta-model to one support set and predict the queries; the reply goes on a Redis list that
-    the waiting API pops."""
+    the waiting API pops. Cut, without a reply, when the request's deadline passes."""
     rt = runtime()
 
     def work():
         mm = _load_model(rt, model_id)
         res = mm.adapt(payload["support"]["x"], payload["support"]["y"], steps=payload["steps"],
-                       modules=payload["modules"])
+                       modules=payload["modules"], on_step=_deadline_check(self.request.expires))
         out = {"predictions": _predictions(mm.predict(payload["query"]["x"], res.params)),
                "adapted_modules": res.adapted_modules, "loss_curve": res.loss_curve,
                "diverged_at_step": res.diverged_at_step}

@@ -379,6 +379,37 @@ def test_one_tenant_flooding_adapt_does_not_starve_another(service, reference):
     assert all(f.result().headers.get("Retry-After") for f in flood if f.result().status_code == 429)
 
 
+def test_an_adapt_past_its_deadline_is_cut_and_frees_the_worker(service, reference):
+    """A heavy adapt (10,000 steps, the default cap, on 500 rows) with a deadline a quarter of its run time
+    gets 504, and the worker cuts it there: a small adapt sent right after answers 200 long before the heavy
+    one would have finished (with one adapt worker process it would otherwise wait behind it)."""
+    from core.adapt import MAX_ADAPT_STEPS
+    url, h = f"/v1/models/{reference[1]['model_id']}/adapt", service.h()
+    assert len(service.worker_names("adapt")) == 1
+    rows = [[float(i % 50) / 10] for i in range(500)]
+    heavy = {"support": {"x": rows, "y": rows}, "query": {"x": [[0.5]]}, "steps": MAX_ADAPT_STEPS,
+             "modules": "all"}
+    assert service.client.post(url, headers=h, json=GOOD).status_code == 200  # the model is loaded: the
+    settings = service.app.state.settings                                      # timings are adaptation only
+    caps = settings.adapt_max_steps, settings.adapt_timeout
+    settings.adapt_max_steps = MAX_ADAPT_STEPS
+    try:
+        t0 = time.monotonic()
+        assert service.client.post(url, headers=h, json=heavy).status_code == 200
+        full = time.monotonic() - t0  # the heavy adapt's run time when nothing cuts it
+        settings.adapt_timeout = full / 4
+        t0 = time.monotonic()
+        cut = service.client.post(url, headers=h, json=heavy)
+    finally:
+        settings.adapt_max_steps, settings.adapt_timeout = caps
+    small = service.client.post(url, headers=h, json=GOOD)
+    waited = time.monotonic() - t0  # from sending the heavy adapt to the small one's answer
+    assert cut.status_code == 504 and small.status_code == 200, (cut.text, small.text)
+    assert waited < 0.75 * full, (waited, full)  # uncut, the small adapt would answer after >= full
+    assert "cut at its deadline" in (service.logdir / "worker-adapt.log").read_text()
+    print(f"heavy adapt {full:.2f} s; deadline {full / 4:.2f} s; 504 + small adapt answered after {waited:.2f} s")
+
+
 # --------------------------------------------------------------------------- resume
 def _chaos_config():
     # a heartbeat every step, so that a kill lands at the step the test chose, between checkpoints (every 5)
