@@ -33,6 +33,7 @@ from store.telemetry import META_STEPS
 from .celery_app import ADAPT, ADAPTER_PREDICT, RUN_EVALUATION, RUN_JOB, app
 from .redis_util import redis_client, reply_key
 from .validation import Validation
+from .wire import unpack
 
 log = logging.getLogger("metashrink.worker")
 
@@ -382,6 +383,7 @@ def adapt(self, request_id: str, model_id: str, payload: dict):
     """Adapt a meta-model to one support set and predict the queries; the reply goes on a Redis list that
     the waiting API pops. Cut, without a reply, when the request's deadline passes."""
     rt = runtime()
+    payload = unpack(payload)
 
     def work():
         mm = _load_model(rt, model_id)
@@ -413,6 +415,7 @@ def _save_adapter(rt: _Runtime, model_id: str, mm, res, payload: dict) -> str:
 def adapter_predict(request_id: str, adapter_id: str, payload: dict):
     """Predict with a stored adapter: the model's phi with the adapter's tensors in place of the adapted ones."""
     rt = runtime()
+    payload = unpack(payload)
 
     def work():
         with rt.db.session() as ses:
