@@ -1,6 +1,6 @@
 """Sending work to the Celery workers: job and evaluation ids to the ``train`` queue (the database row is the
-truth; the reconciler re-sends what the broker lost), and adapt requests to the ``adapt`` queue with a wait for
-the reply until the request's deadline."""
+truth; the reconciler re-sends what the broker lost), accepted uploads to the ``datasets`` queue (the same), and
+adapt requests to the ``adapt`` queue with a wait for the reply until the request's deadline."""
 
 import json
 import logging
@@ -31,6 +31,12 @@ def enqueue_evaluation(app: FastAPI, eval_id: str):
     app.state.celery.send_task(RUN_EVALUATION, args=[eval_id], queue=TRAIN_QUEUE)
 
 
+def enqueue_dataset(app: FastAPI, dataset_id: str):
+    """An accepted upload to the ``datasets`` queue (its own queue: see worker/dataset_tasks.py)."""
+    from worker.celery_app import DATASETS_QUEUE, PROCESS_DATASET
+    app.state.celery.send_task(PROCESS_DATASET, args=[dataset_id], queue=DATASETS_QUEUE)
+
+
 def try_send(send, app: FastAPI, id_: str):
     """Send now if the broker is up; otherwise log it: the reconciler re-sends it once the broker is back."""
     try:
@@ -41,9 +47,9 @@ def try_send(send, app: FastAPI, id_: str):
 
 class Reconciler(threading.Thread):
     """Sweeps every ``reconcile_interval`` seconds (``reconcile_once``). The first sweep after start-up and the
-    first after the broker comes back re-send every queued job and evaluation, not only stale ones: messages
-    sent while the broker was down, or lost with it, are delivered again (a duplicate is harmless: a claim is
-    a conditional UPDATE)."""
+    first after the broker comes back re-send every queued job and evaluation and every processing dataset,
+    not only stale ones: messages sent while the broker was down, or lost with it, are delivered again (a
+    duplicate is harmless: a claim is a conditional UPDATE)."""
 
     def __init__(self, app: FastAPI):
         super().__init__(daemon=True, name="metashrink-reconciler")
@@ -81,7 +87,12 @@ def reconcile_once(app: FastAPI, resend_all: bool = False) -> list[str]:
     for eval_id in evs:
         log.info("reconciler: (re-)enqueueing evaluation %s", eval_id)
         enqueue_evaluation(app, eval_id)
-    return ids + evs
+    with app.state.db.session() as s:
+        dss = Q.reconcile_datasets(s, after)
+    for dataset_id in dss:
+        log.info("reconciler: (re-)enqueueing dataset %s", dataset_id)
+        enqueue_dataset(app, dataset_id)
+    return ids + evs + dss
 
 
 def _alive(pid: int) -> bool:

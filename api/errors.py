@@ -106,7 +106,11 @@ def install_openapi(app: FastAPI, body_models, errors_for) -> None:
                 for code in sorted(set(errors_for(path, method, op)) | ({422} if "422" in responses else set())):
                     headers = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}} \
                         if code in (429, 503) else None
-                    responses[str(code)] = {"description": TITLES[code], "content": content,
+                    # a route's own description of the status stays (FastAPI's default 422 is replaced)
+                    desc = (responses.get(str(code)) or {}).get("description")
+                    if not desc or desc == "Validation Error":
+                        desc = TITLES[code]
+                    responses[str(code)] = {"description": desc, "content": content,
                                             **({"headers": headers} if headers else {})}
         for unused in ("HTTPValidationError", "ValidationError"):
             comps.pop(unused, None)

@@ -47,7 +47,7 @@ class SharedState:
         return self._workers[1]
 
     def collect(self):
-        from worker.celery_app import ADAPT_QUEUE, TRAIN_QUEUE
+        from worker.celery_app import QUEUES
         try:
             with self.app.state.db.session() as s:
                 jobs = dict(s.execute(select(Job.status, func.count()).group_by(Job.status)).all())
@@ -64,7 +64,7 @@ class SharedState:
             log.exception("metrics: database unavailable")
         try:
             r = self.app.state.redis
-            depth = {q: r.llen(q) for q in (TRAIN_QUEUE, ADAPT_QUEUE)}  # kombu's redis transport: one list each
+            depth = {q: r.llen(q) for q in QUEUES}  # kombu's redis transport: one list each
         except Exception:
             log.exception("metrics: broker unavailable")
             return
@@ -75,7 +75,7 @@ class SharedState:
         workers = self._cached_workers()
         g = GaugeMetricFamily("metashrink_workers", "Workers consuming each queue (Celery broadcast, cached 10 s).",
                               labels=["queue"])
-        for q in (TRAIN_QUEUE, ADAPT_QUEUE):
+        for q in QUEUES:
             g.add_metric([q], len(workers.get(q, [])))
         yield g
 

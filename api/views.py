@@ -39,8 +39,13 @@ def model_view(m: MetaModelRow) -> dict:
 
 
 def dataset_view(d: Dataset) -> dict:
-    return {**d.summary, "id": d.id, "kind": d.kind, "name": d.name, "sha256": d.sha256, "bytes": d.bytes,
-            "created_at": d.created_at.isoformat()}
+    """The summary's counts and shapes (while ``processing``: what the headers said, and ``upload``), the status
+    (``processing``, ``ready`` or ``failed``) and, when failed, the error. ``bytes``: what it stores and counts
+    against the tenant's quota (processing: the estimate reserved; failed: 0); ``sha256`` once ready."""
+    ready = d.status == "ready"
+    return {**d.summary, "id": d.id, "kind": d.kind, "name": d.name, "status": d.status,
+            "error": {"message": d.error} if d.error else None, "sha256": d.sha256 if ready else None,
+            "bytes": d.bytes, "created_at": d.created_at.isoformat()}
 
 
 def evaluation_view(e: Evaluation) -> dict:

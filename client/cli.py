@@ -1,4 +1,4 @@
-"""The ``metashrink`` command line: serve (embedded default), keys, jobs, adapt."""
+"""The ``metashrink`` command line: serve (embedded default), keys, jobs, datasets, adapt."""
 from __future__ import annotations
 
 import argparse
@@ -72,7 +72,11 @@ def cmd_serve(a):
     from worker.launch import start_worker
     children += [Child("train worker", lambda: start_worker("train", "train", log_path=logs / "worker-train.log")),
                  Child("adapt worker", lambda: start_worker("adapt", "adapt", log_path=logs / "worker-adapt.log",
-                                                            concurrency=settings.adapt_concurrency, torch_threads=1))]
+                                                            concurrency=settings.adapt_concurrency, torch_threads=1)),
+                 # uploads are decoded on their own queue, behind neither training nor adapt deadlines
+                 # (worker/dataset_tasks.py)
+                 Child("datasets worker", lambda: start_worker("datasets", "datasets",
+                                                               log_path=logs / "worker-datasets.log", torch_threads=1))]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sup = Supervisor(children)
     sup.start()
@@ -161,6 +165,24 @@ def cmd_jobs_cancel(a):
     print(json.dumps(_client(a).cancel(a.job_id), indent=2))
 
 
+def cmd_datasets_upload(a):
+    c = _client(a)
+    d = c.upload_dataset(a.file, a.kind, name=a.name, min_per_class=a.min_per_class, min_points=a.min_points)
+    print(json.dumps(d))
+    if a.wait:
+        d = c.wait_dataset(d["id"])
+        print(json.dumps(d))
+        return 0 if d["status"] == "ready" else 1
+
+
+def cmd_datasets_get(a):
+    print(json.dumps(_client(a).dataset(a.dataset_id), indent=2))
+
+
+def cmd_datasets_list(a):
+    print(json.dumps(_client(a).datasets(a.limit, a.cursor), indent=2))
+
+
 def cmd_adapt(a):
     body = json.loads(Path(a.support).read_text())
     if "support" not in body:  # a bare {"x", "y"} support set, queries given separately or = support x
@@ -217,6 +239,27 @@ def main(argv=None):
     jc.add_argument("job_id")
     client_args(jc)
     jc.set_defaults(fn=cmd_jobs_cancel)
+
+    d = sub.add_parser("datasets").add_subparsers(dest="sub", required=True)
+    du = d.add_parser("upload", help="upload a zip of class folders or a CSV/NPZ of regression points; checked "
+                                     "from its headers, then decoded by a worker (status processing -> ready)")
+    du.add_argument("file")
+    du.add_argument("--kind", required=True, choices=["image_classes", "regression"])
+    du.add_argument("--name", default=None)
+    du.add_argument("--min-per-class", type=int, default=None)
+    du.add_argument("--min-points", type=int, default=None)
+    du.add_argument("--wait", action="store_true", help="wait until it is ready or failed (exit code 1: failed)")
+    client_args(du)
+    du.set_defaults(fn=cmd_datasets_upload)
+    dg = d.add_parser("get")
+    dg.add_argument("dataset_id")
+    client_args(dg)
+    dg.set_defaults(fn=cmd_datasets_get)
+    dli = d.add_parser("list", help="the tenant's datasets and its storage usage and quota")
+    dli.add_argument("--limit", type=int, default=20)
+    dli.add_argument("--cursor", default=None)
+    client_args(dli)
+    dli.set_defaults(fn=cmd_datasets_list)
 
     ad = sub.add_parser("adapt", help="POST a support set to a model; prints predictions")
     ad.add_argument("model_id")

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import httpx
 
@@ -56,6 +57,45 @@ class Client:
     def adapt(self, model_id: str, support: dict, query: dict, steps: int = 100, modules="selected") -> dict:
         return self._call("POST", f"/v1/models/{model_id}/adapt",
                           json={"support": support, "query": query, "steps": steps, "modules": modules})
+
+    # uploaded meta-datasets: accepted after a header check (202, status "processing"), then decoded by a worker
+    def upload_dataset(self, file, kind: str, name: str | None = None, filename: str | None = None,
+                       min_per_class: int | None = None, min_points: int | None = None, wait: bool = False,
+                       timeout: float | None = None) -> dict:
+        """Upload ``file`` (a path, or bytes with ``filename``) as an ``image_classes`` zip or a ``regression``
+        CSV/NPZ. Returns the dataset (status ``processing``); with ``wait``, the dataset once it is ``ready`` or
+        ``failed`` (see ``wait_dataset``)."""
+        if isinstance(file, (bytes, bytearray)):
+            data, fname = bytes(file), filename or "upload"
+        else:
+            data, fname = Path(file).read_bytes(), filename or Path(file).name
+        fields = {"kind": kind, "name": name, "min_per_class": min_per_class, "min_points": min_points}
+        d = self._call("POST", "/v1/datasets", files={"file": (fname, data)},
+                       data={k: str(v) for k, v in fields.items() if v is not None})
+        return self.wait_dataset(d["id"], timeout=timeout) if wait else d
+
+    def dataset(self, dataset_id: str) -> dict:
+        return self._call("GET", f"/v1/datasets/{dataset_id}")
+
+    def datasets(self, limit: int = 20, cursor: str | None = None) -> dict:
+        """A page of the tenant's datasets and ``usage``: ``{"bytes", "quota"}`` (quota None: unlimited)."""
+        params = {k: v for k, v in {"limit": limit, "cursor": cursor}.items() if v is not None}
+        return self._call("GET", "/v1/datasets", params=params)
+
+    def wait_dataset(self, dataset_id: str, poll: float = 0.5, timeout: float | None = None,
+                     raise_on_failure: bool = False) -> dict:
+        """Poll until the dataset is ``ready`` or ``failed`` (``error.message`` says why); returns it. With
+        ``raise_on_failure``, a failed dataset raises ValueError with that message."""
+        t0 = time.monotonic()
+        while True:
+            d = self.dataset(dataset_id)
+            if d["status"] != "processing":
+                if raise_on_failure and d["status"] == "failed":
+                    raise ValueError(f"dataset {dataset_id} failed: {(d.get('error') or {}).get('message')}")
+                return d
+            if timeout is not None and time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"dataset {dataset_id} still processing after {timeout} s")
+            time.sleep(poll)
 
     def wait(self, job_id: str, poll: float = 1.0, on_progress=None, timeout: float | None = None) -> dict:
         t0 = time.monotonic()

@@ -12,7 +12,8 @@ Two kinds:
   ``x`` [N] or [N, d_in] and ``y`` [N] or [N, d_out]. -> :class:`RegressionCollection`.
 
 Every problem raises :class:`UploadError` whose message names the file (and the member inside a zip)
-and the problem. Typical use by the API::
+and the problem (:class:`UploadTooLarge`, HTTP 413, for the limits of the header pass in ``store.uploads``, which
+runs first). Typical use by the datasets worker (``worker.dataset_tasks``; the API runs only the header pass)::
 
     coll = validate_image_zip(raw_bytes, "omniglot.zip", min_per_class=shots + query)
     coll.summary()          # counts, shapes, groups: the answer of POST/GET /v1/datasets
@@ -20,33 +21,27 @@ and the problem. Typical use by the API::
 """
 from __future__ import annotations
 
+import array
 import csv
 import io
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
 import numpy as np
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm")
-MAX_FILES = 200_000
-MAX_UNCOMPRESSED = 2 * 1024 ** 3
-MAX_IMAGE_PIXELS = 4096 * 4096
-# decoded pixels over the whole archive, checked from each image's header before it is decoded: bounds the
+# the header pass (limits checked before anything is decoded) and the error types live in store.uploads, which
+# the API imports without importing this package (whose __init__ imports core, i.e. torch)
+from store.uploads import (IMAGE_EXTENSIONS, MAX_FILES, MAX_UNCOMPRESSED, PIL_FORMATS, UploadError,  # noqa: F401
+                           UploadLimits, UploadTooLarge, csv_columns, scan_image_zip, scan_regression)
+
+MAX_IMAGE_PIXELS = UploadLimits.max_image_pixels
+# decoded pixels over the whole archive, checked from each image's header before anything is decoded: bounds the
 # memory an upload can take however well it compresses (Omniglot's background set, 19,280 images of 105x105,
 # is 212M)
-MAX_TOTAL_PIXELS = 256 * 1024 ** 2
+MAX_TOTAL_PIXELS = UploadLimits.max_total_pixels
 MAX_CSV_FIELD = 1024  # characters in one CSV field (a number or a task name)
 MAX_CSV_COLUMNS = 1024
-
-
-class UploadError(ValueError):
-    """A problem with an uploaded file: ``file`` (and ``member`` inside an archive) and ``problem``."""
-
-    def __init__(self, file: str, problem: str, member: Optional[str] = None):
-        self.file, self.problem, self.member = file, problem, member
-        where = f"{file}: {member}" if member else file
-        super().__init__(f"{where}: {problem}")
 
 
 # --------------------------------------------------------------------------- image classes
@@ -94,26 +89,15 @@ class ImageCollection:
                 "image_shape": list(self.shape()), "notes": list(self.notes)}
 
 
-def _decode(raw: bytes, file: str, member: str, budget: list):
-    """One image as uint8 grey levels. ``budget``: ``[pixels left, cap]`` for the archive, charged from the header
-    (``Image.open`` reads no pixel data) before anything is decoded."""
-    from PIL import Image, UnidentifiedImageError  # only datasets/ depends on Pillow
+def _decode(raw: bytes, file: str, member: str):
+    """One image as uint8 grey levels (its size was checked from its header by the header pass)."""
+    from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(raw)) as im:
-            n = im.width * im.height
-            if n > MAX_IMAGE_PIXELS:
-                raise UploadError(file, f"image of {im.width}x{im.height} pixels is above the cap of "
-                                  f"{MAX_IMAGE_PIXELS:,} pixels per image", member)
-            budget[0] -= n
-            if budget[0] < 0:
-                raise UploadError(file, f"the archive's images decode to more than {budget[1]:,} pixels in all "
-                                  f"(reached at this member)", member)
+        with Image.open(io.BytesIO(raw), formats=PIL_FORMATS) as im:
             im.load()
             return np.asarray(im.convert("L"), dtype=np.uint8)
-    except UploadError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+    except Exception as e:  # a hostile file can raise anything from a decoder: it is unreadable
         raise UploadError(file, f"unreadable image ({type(e).__name__}: {e})", member) from None
 
 
@@ -126,49 +110,28 @@ def _resize(a: np.ndarray, size: int) -> np.ndarray:
 
 
 def validate_image_zip(data: bytes, name: str = "upload.zip", min_per_class: int = 1, min_classes: int = 1,
-                       image_size: Optional[int] = None, invert="auto",
-                       max_total_pixels: int = MAX_TOTAL_PIXELS) -> ImageCollection:
+                       image_size: Optional[int] = None, invert="auto", max_total_pixels: Optional[int] = None,
+                       limits: Optional[UploadLimits] = None) -> ImageCollection:
     """Validate and decode a zip of class folders; see the module docstring.
 
     ``min_per_class``: images every class needs (shots + query of the intended jobs). ``image_size``: resize
     every image to a square of this size while reading (then source shapes may differ); without it all
     images must share one shape. ``invert``: True, False or "auto" (invert when the mean pixel is > 127).
-    ``max_total_pixels``: decoded pixels over the archive (each image's header is checked before it is decoded).
+    ``limits`` (``store.uploads.UploadLimits``; ``max_total_pixels`` overrides its total): checked by the header
+    pass (``store.uploads.scan_image_zip``) before any image is decoded.
     """
-    try:
-        zf = zipfile.ZipFile(io.BytesIO(data))
-    except zipfile.BadZipFile as e:
-        raise UploadError(name, f"not a zip file ({e})") from None
-    with zf:
-        infos = [i for i in zf.infolist() if not i.is_dir()]
-        if len(infos) > MAX_FILES:
-            raise UploadError(name, f"{len(infos)} files; at most {MAX_FILES} are allowed")
-        if sum(i.file_size for i in infos) > MAX_UNCOMPRESSED:
-            raise UploadError(name, "uncompressed size exceeds the limit")
-        entries = []
-        for i in infos:
-            path = i.filename.replace("\\", "/")
-            parts = [p for p in path.split("/") if p]
-            if any(p.startswith(".") or p == "__MACOSX" for p in parts) or ".." in parts:
-                continue  # hidden files, macOS resource forks
-            if not path.lower().endswith(IMAGE_EXTENSIONS):
-                continue
-            entries.append((parts, i))
-        if not entries:
-            raise UploadError(name, f"no images ({', '.join(IMAGE_EXTENSIONS)}) in the archive")
-        tops = {p[0] for p, _ in entries}
-        if len(tops) == 1 and all(len(p) >= 3 for p, _ in entries):
-            entries = [(p[1:], i) for p, i in entries]  # a single top-level folder is skipped
-        depths = {len(p) for p, _ in entries}
-        if depths - {2, 3} or len(depths) != 1:
-            bad = next(i.filename for p, i in entries if len(p) != max(depths) or len(p) not in (2, 3))
-            raise UploadError(name, "expected GROUP/CLASS/image or CLASS/image for every image (mixed or other "
-                              "depths found)", bad)
-        classes: dict = {}
-        budget = [max_total_pixels, max_total_pixels]
-        for parts, info in sorted(entries, key=lambda e: e[1].filename):
-            key = (parts[0], parts[1]) if len(parts) == 3 else ("", parts[0])
-            a = _decode(zf.read(info), name, info.filename, budget)
+    limits = limits or UploadLimits()
+    if max_total_pixels is not None:
+        limits = replace(limits, max_total_pixels=max_total_pixels)
+    scan = scan_image_zip(data, name, min_per_class, min_classes, image_size, limits)
+    classes: dict = {}
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        for key, info in scan.entries:
+            try:
+                raw = zf.read(info)
+            except Exception as e:  # a corrupt stream or a CRC mismatch
+                raise UploadError(name, f"unreadable image ({type(e).__name__}: {e})", info.filename) from None
+            a = _decode(raw, name, info.filename)
             if image_size is not None:
                 a = _resize(a, int(image_size))
             classes.setdefault(key, []).append((info.filename, a))
@@ -243,51 +206,47 @@ class RegressionCollection:
                 "output_dim": int(self.tasks[0][2].shape[1]) if self.tasks else 0}
 
 
-def _columns(header: Sequence[str], prefix: str) -> list:
-    cols = [h for h in header if h == prefix or (h.startswith(prefix) and h[len(prefix):].isdigit())]
-    return sorted(cols, key=lambda h: -1 if h == prefix else int(h[len(prefix):]))
-
-
 def _read_csv(data: bytes, name: str):
+    """Streamed: the header row first, then each row straight into float64 buffers (a row list of strings
+    would take ~60 bytes per field)."""
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise UploadError(name, f"not UTF-8 text ({e})") from None
     reader = csv.reader(io.StringIO(text))
-    rows = []
+    xs, ys, tasks = array.array("d"), array.array("d"), []
+    header = None
     try:
         for row in reader:
             if len(row) > MAX_CSV_COLUMNS:
                 raise UploadError(name, f"line {reader.line_num}: {len(row)} fields; at most {MAX_CSV_COLUMNS}")
             if any(len(c) > MAX_CSV_FIELD for c in row):
                 raise UploadError(name, f"line {reader.line_num}: a field longer than {MAX_CSV_FIELD} characters")
-            rows.append(row)
+            if header is None:
+                header = [h.strip() for h in row]
+                ti, xi, yi = csv_columns(header, name)
+                continue
+            if not row or all(not c.strip() for c in row):
+                continue
+            line = reader.line_num
+            if len(row) != len(header):
+                raise UploadError(name, f"line {line}: {len(row)} fields, the header has {len(header)}")
+            try:
+                xs.extend([float(row[i]) for i in xi])
+                ys.extend([float(row[i]) for i in yi])
+            except ValueError as e:
+                raise UploadError(name, f"line {line}: not a number ({e})") from None
+            tasks.append(row[ti].strip())
     except csv.Error as e:  # e.g. a quoted field longer than the csv module's limit, a NUL byte
         raise UploadError(name, f"line {reader.line_num}: {e}") from None
-    if not rows:
+    if header is None:
         raise UploadError(name, "empty file")
-    header = [h.strip() for h in rows[0]]
-    if "task" not in header:
-        raise UploadError(name, f"no 'task' column in the header {header}")
-    xc, yc = _columns(header, "x"), _columns(header, "y")
-    if not xc or not yc:
-        raise UploadError(name, f"need input columns x or x0, x1, ... and output columns y or y0, y1, ...; header is {header}")
-    ti, xi, yi = header.index("task"), [header.index(c) for c in xc], [header.index(c) for c in yc]
-    tasks, xs, ys = [], [], []
-    for line, row in enumerate(rows[1:], start=2):
-        if not row or all(not c.strip() for c in row):
-            continue
-        if len(row) != len(header):
-            raise UploadError(name, f"line {line}: {len(row)} fields, the header has {len(header)}")
-        try:
-            xs.append([float(row[i]) for i in xi])
-            ys.append([float(row[i]) for i in yi])
-        except ValueError as e:
-            raise UploadError(name, f"line {line}: not a number ({e})") from None
-        tasks.append(row[ti].strip())
     if not tasks:
         raise UploadError(name, "no data rows")
-    return np.array(tasks), np.array(xs, dtype=np.float64), np.array(ys, dtype=np.float64)
+    del text
+    n = len(tasks)
+    return (np.array(tasks), np.frombuffer(xs, dtype=np.float64).reshape(n, len(xi)).copy(),
+            np.frombuffer(ys, dtype=np.float64).reshape(n, len(yi)).copy())
 
 
 def _read_npz(data: bytes, name: str):
@@ -319,11 +278,14 @@ def _read_npz(data: bytes, name: str):
     return task, x.astype(np.float64), y.astype(np.float64)
 
 
-def validate_regression(data: bytes, name: str = "upload.csv", min_points: int = 2) -> RegressionCollection:
+def validate_regression(data: bytes, name: str = "upload.csv", min_points: int = 2,
+                        limits: Optional[UploadLimits] = None) -> RegressionCollection:
     """Validate a CSV or NPZ of regression points (format by the NPZ/zip magic, else CSV).
 
-    ``min_points``: points every task needs (shots + query of the intended jobs).
+    ``min_points``: points every task needs (shots + query of the intended jobs). ``limits``: the numbers
+    allowed (``max_values``), checked by the header pass (``store.uploads.scan_regression``) before parsing.
     """
+    scan_regression(data, name, limits)
     task, x, y = (_read_npz if data[:2] == b"PK" else _read_csv)(data, name)
     for k, a in (("x", x), ("y", y)):
         bad = ~np.isfinite(a).all(axis=1)

@@ -76,3 +76,78 @@ def dataset_ids(tasks_cfg: dict) -> list[str]:
         return []
     ids = tasks_cfg.get("dataset_id")
     return [str(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids]) if i]
+
+
+# --------------------------------------------------------------------------- processing and the tenant's quota
+def tenant_usage(session, tenant: str) -> int:
+    """Bytes the tenant's datasets store: each ready dataset's collection file, each processing one's estimate
+    (its reservation; the raw upload kept meanwhile is not counted); failed ones store nothing (0)."""
+    from sqlalchemy import func, select
+
+    from .models import Dataset
+    return int(session.scalar(select(func.coalesce(func.sum(Dataset.bytes), 0)).where(Dataset.tenant == tenant)))
+
+
+def lock_quota(session, tenant: str) -> None:
+    """Serialise quota checks of one tenant until the transaction ends. PostgreSQL: a transaction-level advisory
+    lock (READ COMMITTED would let two uploads each miss the other's row). SQLite: the caller writes its row
+    before it reads the usage, and SQLite's single writer does the rest."""
+    from sqlalchemy import text
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": f"metashrink-quota:{tenant}"})
+
+
+def quota_problem(used: int, adding: int, quota: int) -> str | None:
+    """The 413 message when ``adding`` bytes to a tenant using ``used`` (``adding`` included) exceeds ``quota``
+    (0: unlimited)."""
+    if not quota or used <= quota:
+        return None
+    return (f"storing this dataset ({adding:,} bytes) would bring the tenant's datasets to {used:,} bytes, over "
+            f"its quota of {quota:,} bytes (in use before it: {used - adding:,} bytes); delete datasets or ask for "
+            f"a larger quota")
+
+
+def claim_processing(session, dataset_id: str, max_attempts: int) -> str:
+    """A worker's claim of a processing dataset: ``"claimed"`` (the attempt is counted and the message time
+    renewed), ``"exhausted"`` (attempts spent: the dataset is failed now), or ``"skip"`` (not processing any
+    more: a duplicate delivery, or deleted)."""
+    from sqlalchemy import update
+
+    from .models import Dataset, utcnow
+    res = session.execute(update(Dataset).where(Dataset.id == dataset_id, Dataset.status == "processing",
+                                                Dataset.attempts < max_attempts)
+                          .values(attempts=Dataset.attempts + 1, enqueued_at=utcnow())
+                          .execution_options(synchronize_session=False))
+    if res.rowcount == 1:
+        return "claimed"
+    if finish_processing(session, dataset_id, "failed",
+                         error=f"the worker processing this upload was lost on every attempt ({max_attempts}); "
+                               f"see the datasets worker's log, e.g. for out-of-memory kills"):
+        return "exhausted"
+    return "skip"
+
+
+def release_processing(session, dataset_id: str) -> None:
+    """The worker was told to stop mid-way: this attempt is not counted and the reconciler's next sweep
+    re-sends the message."""
+    from sqlalchemy import update
+
+    from .models import Dataset
+    session.execute(update(Dataset).where(Dataset.id == dataset_id, Dataset.status == "processing",
+                                          Dataset.attempts > 0)
+                    .values(attempts=Dataset.attempts - 1, enqueued_at=None)
+                    .execution_options(synchronize_session=False))
+
+
+def finish_processing(session, dataset_id: str, status: str, error: str | None = None, **values) -> bool:
+    """``processing`` -> ``ready`` (``values``: summary, uri, sha256, bytes) or ``failed`` (``error``; it stores
+    nothing: bytes 0). False when the dataset is not processing (a duplicate finished first, or it is gone)."""
+    from sqlalchemy import update
+
+    from .models import Dataset
+    if status == "failed":
+        values = {**values, "bytes": 0}
+    res = session.execute(update(Dataset).where(Dataset.id == dataset_id, Dataset.status == "processing")
+                          .values(status=status, error=error, enqueued_at=None, **values)
+                          .execution_options(synchronize_session=False))
+    return res.rowcount == 1

@@ -209,3 +209,19 @@ def reconcile_evaluations(session, requeue_after: float) -> list[str]:
                         .values(status="queued", lease_owner=None, lease_expires_at=None, enqueued_at=now,
                                 updated_at=now).execution_options(synchronize_session=False))
     return ids
+
+
+# --------------------------------------------------------------------------- datasets being processed
+def reconcile_datasets(session, requeue_after: float) -> list[str]:
+    """Datasets still ``processing`` whose message is older than ``requeue_after`` (sent while the broker was
+    down, lost with it, or held by a worker that died): the ids to re-send. The message time is renewed; a
+    worker's claim renews it too and counts the attempt, and refuses the dataset (failed) once they are spent."""
+    from .models import Dataset
+    now = utcnow()
+    ids = session.scalars(select(Dataset.id).where(
+        Dataset.status == "processing",
+        or_(Dataset.enqueued_at.is_(None), Dataset.enqueued_at < now - timedelta(seconds=requeue_after)))).all()
+    if ids:
+        session.execute(update(Dataset).where(Dataset.id.in_(ids)).values(enqueued_at=now)
+                        .execution_options(synchronize_session=False))
+    return list(ids)

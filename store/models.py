@@ -135,6 +135,7 @@ class Adapter(Base):
 
 class Dataset(Base):
     __tablename__ = "datasets"
+    __table_args__ = (Index("ix_datasets_status_enqueued", "status", "enqueued_at"),)
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(128), index=True)
     kind: Mapped[str] = mapped_column(String(32))
@@ -146,6 +147,9 @@ class Dataset(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     status: Mapped[str] = mapped_column(String(16), default="ready", server_default="ready")  # processing|ready|failed
     error: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+    # worker-side processing (worker/dataset_tasks.py): attempts claimed, and when its message was last sent
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    enqueued_at: Mapped[Optional[datetime]] = mapped_column(DateTime, nullable=True)
 
 
 class Evaluation(Base):

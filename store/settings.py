@@ -40,8 +40,19 @@ class Settings(BaseSettings):
                                "machine (2 threads on a shared 2-core box measured ~10x slower than 1)")
 
     dataset_max_bytes: int = Field(256 * 1024 * 1024, ge=1, description="request body size of a dataset upload")
-    dataset_max_pixels: int = Field(256 * 1024 ** 2, ge=1, description="decoded pixels in one image upload, checked "
-                                    "from each image's header before decoding (a zip bomb of blank PNGs is 422)")
+    # an upload's header pass (store/uploads.py) checks these in the API process before anything is decoded (413
+    # above them); the defaults accept Omniglot's whole background set (19,280 images of 105x105, 212.6M pixels)
+    dataset_max_images: int = Field(100_000, ge=1, description="images in one image_classes upload")
+    dataset_max_image_pixels: int = Field(4096 * 4096, ge=1, description="pixels of one image, from its header "
+                                          "(also Pillow's Image.MAX_IMAGE_PIXELS in the API and the workers)")
+    dataset_max_pixels: int = Field(256 * 1024 ** 2, ge=1, description="decoded pixels in one image upload, summed "
+                                    "from the images' headers (a zip bomb of blank PNGs is 413 at the member "
+                                    "that crosses it)")
+    dataset_max_values: int = Field(32 * 1024 ** 2, ge=1, description="numbers (x and y entries) in one regression "
+                                    "upload, from an NPZ's array headers or a CSV's header row and line count")
+    tenant_quota_bytes: int = Field(20 * 1024 ** 3, ge=0, description="bytes one tenant's datasets may store (the "
+                                    "decoded collections; while processing, their estimate); an upload over it is "
+                                    "413; 0 = unlimited")
 
     reconciler: bool = Field(True, description="run the reconciler loop in the API process")
     reap_local_leases: bool = Field(False, description="re-queue at the next sweep a job whose lease holder is a "

@@ -6,7 +6,10 @@
   sit in one worker's buffer while another is idle);
 - JSON only (never pickle); no result backend (the database holds job results, adapt results go back on a
   per-request Redis list);
-- two queues: ``train`` (long) and ``adapt`` (short, latency-sensitive).
+- three queues: ``train`` (long), ``adapt`` (short, latency-sensitive) and ``datasets`` (decoding uploads:
+  seconds to a minute). Uploads get their own queue and, in the embedded default, their own worker: on
+  ``train`` an upload would wait behind hours of training (the embedded train worker runs one task at a time),
+  and on ``adapt`` a minute of decoding would hold a worker that requests with deadlines wait for.
 
 The lease in the database, not the broker, decides who runs a job. The parent process never imports torch:
 tasks run in the prefork child, which is where CUDA may be initialised.
@@ -20,15 +23,18 @@ from store.settings import Settings
 
 TRAIN_QUEUE = "train"
 ADAPT_QUEUE = "adapt"
+DATASETS_QUEUE = "datasets"
+QUEUES = (TRAIN_QUEUE, ADAPT_QUEUE, DATASETS_QUEUE)
 RUN_JOB = "worker.tasks.run_job"
 ADAPT = "worker.tasks.adapt"
 RUN_EVALUATION = "worker.tasks.run_evaluation"
 ADAPTER_PREDICT = "worker.tasks.adapter_predict"
+PROCESS_DATASET = "worker.dataset_tasks.process_dataset"
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or Settings()
-    app = Celery("metashrink", broker=settings.broker(), include=["worker.tasks"])
+    app = Celery("metashrink", broker=settings.broker(), include=["worker.tasks", "worker.dataset_tasks"])
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -38,10 +44,11 @@ def make_celery(settings: Settings | None = None) -> Celery:
         result_serializer="json",
         task_ignore_result=True,
         result_backend=None,
-        task_queues=[Queue(TRAIN_QUEUE), Queue(ADAPT_QUEUE)],
+        task_queues=[Queue(q) for q in QUEUES],
         task_default_queue=TRAIN_QUEUE,
         task_routes={RUN_JOB: {"queue": TRAIN_QUEUE}, ADAPT: {"queue": ADAPT_QUEUE},
-                     RUN_EVALUATION: {"queue": TRAIN_QUEUE}, ADAPTER_PREDICT: {"queue": ADAPT_QUEUE}},
+                     RUN_EVALUATION: {"queue": TRAIN_QUEUE}, ADAPTER_PREDICT: {"queue": ADAPT_QUEUE},
+                     PROCESS_DATASET: {"queue": DATASETS_QUEUE}},
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": 3600},
         worker_hijack_root_logger=False,

@@ -1,4 +1,15 @@
-"""Meta-datasets: upload (multipart; validated, then stored as safetensors), list, read."""
+"""Meta-datasets: upload (multipart; limits checked from headers here, decoded by a worker), list (with the
+tenant's storage usage), read.
+
+``POST /v1/datasets`` does in the API process only what cannot hurt it: the body is capped
+(``dataset_max_bytes``), then the header pass (store/uploads.py) reads the zip's directory and each image's
+header, never pixel data, and refuses an upload over ``dataset_max_images``, ``dataset_max_image_pixels``,
+``dataset_max_pixels`` or ``dataset_max_values`` with 413 (malformed ones: 422), naming the member; the tenant's
+quota (``tenant_quota_bytes``) is checked against the estimate of what the upload will store (413). Then the raw
+bytes go to the artifact store, the dataset is recorded ``processing`` and the answer is 202; a worker on the
+``datasets`` queue (worker/dataset_tasks.py) decodes it and the dataset becomes ``ready`` or ``failed`` with the
+error. Jobs accept only ready datasets.
+"""
 
 from typing import Optional
 
@@ -7,11 +18,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
-from store.datasets import put_collection
+from store.datasets import lock_quota, quota_problem, tenant_usage
 from store.models import Dataset, new_id, utcnow
 
 from ..bodies import read_capped
 from ..deps import Limit, Session, Tenant, own_dataset, page
+from ..dispatch import enqueue_dataset, try_send
 from ..errors import ApiError, unprocessable
 from ..views import dataset_view
 
@@ -25,11 +37,44 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
         "name": {"type": "string"},
         "min_per_class": {"type": "integer", "description": "images each class needs (image_classes)"},
         "min_points": {"type": "integer", "description": "points each task needs (regression)"}}}}}}}
+DATASET_SCHEMA = {
+    "type": "object", "required": ["id", "kind", "status", "bytes", "created_at"], "additionalProperties": True,
+    "description": "the summary's counts and shapes (kind-specific keys) with these fields",
+    "properties": {
+        "id": {"type": "string"}, "kind": {"type": "string", "enum": ["image_classes", "regression"]},
+        "name": {"type": ["string", "null"]},
+        "status": {"type": "string", "enum": ["processing", "ready", "failed"]},
+        "error": {"anyOf": [{"type": "object", "properties": {"message": {"type": "string"}}}, {"type": "null"}],
+                  "description": "why it failed: the file, the member and the problem"},
+        "sha256": {"type": ["string", "null"], "description": "of the stored collection, once ready"},
+        "bytes": {"type": "integer", "description": "what it stores and counts against the tenant's quota "
+                                                    "(processing: the estimate reserved; failed: 0)"},
+        "created_at": {"type": "string", "format": "date-time"},
+        "upload": {"type": "object", "description": "while processing: the file name, its size and the options"}}}
+USAGE_SCHEMA = {"type": "object", "required": ["bytes", "quota"], "properties": {
+    "bytes": {"type": "integer", "description": "bytes the tenant's datasets store"},
+    "quota": {"type": ["integer", "null"], "description": "METASHRINK_TENANT_QUOTA_BYTES; null: unlimited"}}}
+UPLOAD_RESPONSES = {
+    202: {"description": "Accepted: the headers passed every limit and the upload fits the tenant's quota. The "
+                         "dataset is recorded with status `processing` (its counts from the headers); a worker "
+                         "decodes it, then `GET /v1/datasets/{id}` shows `ready` (summary, sha256, bytes) or "
+                         "`failed` (`error.message` names the file, the member and the problem).",
+          "content": {"application/json": {"schema": DATASET_SCHEMA}}},
+    413: {"description": "Payload Too Large: the body is over the upload cap, the archive over a limit checked from "
+                         "the headers (images, pixels per image, pixels in all, regression numbers; the member that "
+                         "crosses it is named), or storing it would exceed the tenant's quota (usage and quota are "
+                         "named)."},
+    422: {"description": "Unprocessable Entity: not a multipart form, a bad field, or a malformed upload found by "
+                         "the header pass (not a zip, unreadable image header, folder layout, inconsistent shapes, "
+                         "too few images per class, CSV header); problems found while decoding come later, as "
+                         "status `failed`."},
+}
 
 
-@router.post("", status_code=201, openapi_extra=UPLOAD_BODY)
+@router.post("", status_code=202, openapi_extra=UPLOAD_BODY, responses=UPLOAD_RESPONSES)
 async def upload_dataset(request: Request, t: Tenant):
-    """Upload a meta-dataset (multipart: ``file``, ``kind``); validated, then stored as safetensors."""
+    """Upload a meta-dataset (multipart: ``file``, ``kind``): checked from its headers, then decoded by a
+    worker (202 with status ``processing``; poll ``GET /v1/datasets/{id}`` until ``ready`` or ``failed``)."""
     settings = request.app.state.settings
     raw = await read_capped(request, settings.dataset_max_bytes)
     request._body = raw  # starlette's form parser reads the cached body
@@ -52,36 +97,63 @@ async def upload_dataset(request: Request, t: Tenant):
         opts[field] = int(v)
     if ("min_per_class" in opts and kind != "image_classes") or ("min_points" in opts and kind != "regression"):
         raise unprocessable(["body"], "min_per_class is for image_classes, min_points for regression")
+    request._body = b""  # the form spooled the file (to disk above 1 MB): one copy of the bytes here, not three
+    del raw
     data = await f.read()
-    if kind == "image_classes":
-        opts["max_total_pixels"] = settings.dataset_max_pixels
     fname = f.filename or "upload"
     name = form.get("name") or fname
-    return await run_in_threadpool(_store_dataset, request.app, t, kind, str(name)[:256], fname, data, opts)
+    return await run_in_threadpool(_accept_upload, request.app, t, kind, str(name)[:256], fname, data, opts)
 
 
-def _store_dataset(app, t, kind, name, fname, data, opts):
-    from datasets.upload import UploadError, validate_upload
+def _accept_upload(app, t, kind, name, fname, data, opts):
+    from store.uploads import UploadError, UploadLimits, scan_upload  # torch-free (datasets/ imports core)
+
+    settings = app.state.settings
     try:
-        coll = validate_upload(data, fname, kind, **opts)
+        scan = scan_upload(data, fname, kind, UploadLimits.from_settings(settings), **opts)
     except UploadError as e:
-        raise ApiError(422, str(e), [{"loc": ["body", "file"], "msg": str(e), "file": e.file,
-                                      "member": e.member, "problem": e.problem}])
+        raise ApiError(e.status, str(e), [{"loc": ["body", "file"], "msg": str(e), "file": e.file,
+                                           "member": e.member, "problem": e.problem}])
     did = new_id("ds")
-    art = put_collection(app.state.store, f"datasets/{t}/{did}.safetensors", coll)
-    with app.state.db.session() as s:
-        d = Dataset(id=did, tenant=t, kind=kind, name=name, summary=coll.summary(), uri=art.uri,
-                    sha256=art.sha256, bytes=art.bytes, created_at=utcnow())
-        s.add(d)
-        s.flush()
-        return JSONResponse(dataset_view(d), status_code=201)
+    est = scan.estimated_bytes
+    with app.state.db.session() as s:  # refused before anything is written; checked again below, serialised
+        problem = quota_problem(tenant_usage(s, t) + est, est, settings.tenant_quota_bytes)
+    if problem:
+        raise ApiError(413, problem, [{"loc": ["body", "file"], "msg": problem}])
+    art = app.state.store.put_bytes(f"uploads/{t}/{did}.raw", data)  # deleted by the worker once processed
+    summary = {**scan.summary(), "upload": {"file": fname, "bytes": len(data), **opts}}
+    try:
+        with app.state.db.session() as s:
+            lock_quota(s, t)
+            now = utcnow()
+            d = Dataset(id=did, tenant=t, kind=kind, name=name, summary=summary, uri=art.uri, sha256=art.sha256,
+                        bytes=est, status="processing", attempts=0, enqueued_at=now, created_at=now)
+            s.add(d)
+            s.flush()  # written before the usage is read: see store.datasets.lock_quota
+            problem = quota_problem(tenant_usage(s, t), est, settings.tenant_quota_bytes)
+            if problem:
+                raise ApiError(413, problem, [{"loc": ["body", "file"], "msg": problem}])
+            view = dataset_view(d)
+    except BaseException:
+        app.state.store.delete(art.uri)
+        raise
+    try_send(enqueue_dataset, app, did)
+    return JSONResponse(view, status_code=202)
 
 
-@router.get("")
-def list_datasets(s: Session, t: Tenant, limit: Limit = 20, cursor: Optional[str] = None):
-    return page(s, select(Dataset).where(Dataset.tenant == t), Dataset, limit, cursor, dataset_view)
+@router.get("", responses={200: {"description": "a page of datasets and the tenant's usage", "content": {
+    "application/json": {"schema": {"type": "object", "required": ["items", "next_cursor", "usage"], "properties": {
+        "items": {"type": "array", "items": DATASET_SCHEMA}, "next_cursor": {"type": ["string", "null"]},
+        "usage": USAGE_SCHEMA}}}}}})
+def list_datasets(request: Request, s: Session, t: Tenant, limit: Limit = 20, cursor: Optional[str] = None):
+    """The tenant's datasets (newest first) and ``usage``: the bytes they store (processing ones: their
+    estimate) and the quota (``null``: unlimited)."""
+    out = page(s, select(Dataset).where(Dataset.tenant == t), Dataset, limit, cursor, dataset_view)
+    quota = request.app.state.settings.tenant_quota_bytes
+    return {**out, "usage": {"bytes": tenant_usage(s, t), "quota": quota or None}}
 
 
-@router.get("/{dataset_id}")
+@router.get("/{dataset_id}", responses={200: {"description": "the dataset: status processing, ready or failed",
+                                               "content": {"application/json": {"schema": DATASET_SCHEMA}}}})
 def get_dataset(dataset_id: str, s: Session, t: Tenant):
     return dataset_view(own_dataset(s, t, dataset_id))

@@ -29,9 +29,9 @@ def readyz(request: Request):
         checks["broker"] = "ok"
     except Exception as e:
         checks["broker"] = f"error: {type(e).__name__}"
-    from worker.celery_app import ADAPT_QUEUE, TRAIN_QUEUE
+    from worker.celery_app import QUEUES
     workers = workers_by_queue(app) if checks["broker"] == "ok" else {}
-    missing = [q for q in (TRAIN_QUEUE, ADAPT_QUEUE) if not workers.get(q)]
+    missing = [q for q in QUEUES if not workers.get(q)]
     checks["workers"] = f"error: no worker consumes {', '.join(missing)}" if missing else "ok"
     ok = all(v == "ok" for v in checks.values())
     return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks, "workers": workers},

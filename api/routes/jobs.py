@@ -64,6 +64,10 @@ def check_datasets(s, t: str, tasks: dict):
         if d.kind != want:
             raise unprocessable(["tasks", "dataset_id"],
                                 f"dataset {did} is a {d.kind} dataset; {tasks.get('family')} tasks need {want}")
+        if d.status != "ready":
+            why = "wait until it is ready (GET /v1/datasets/{id})" if d.status == "processing" else \
+                f"it failed: {d.error}"
+            raise unprocessable(["tasks", "dataset_id"], f"dataset {did} is {d.status}, not ready; {why}")
 
 
 def check_validation_split(cfg: dict) -> None:

