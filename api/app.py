@@ -8,7 +8,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from schemas import JobConfig
-from schemas.api import AdaptRequest, EvaluationRequest, PredictRequest
+from schemas.api import AdaptRequest, EvaluationRequest, KeyCreate, PredictRequest
 from store.artifacts import make_store
 from store.db import Database
 from store.settings import Settings
@@ -17,9 +17,9 @@ from . import errors
 from .dispatch import Reconciler
 from .errors import install_openapi
 from .metrics import install as install_metrics
-from .routes import adapters, checkpoints, datasets, evaluations, health, jobs, live, models
+from .routes import adapters, checkpoints, datasets, evaluations, health, jobs, keys, lifecycle, live, models
 
-ROUTERS = (health, jobs, checkpoints, datasets, models, evaluations, adapters, live)
+ROUTERS = (health, jobs, checkpoints, datasets, models, evaluations, adapters, lifecycle, keys, live)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -49,17 +49,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = make_store(settings)
     app.state.celery = make_celery(settings)
     app.state.redis = redis_client(settings.broker(), retry=False)
-    app.state.key_cache = {}
     errors.install(app)
     for r in ROUTERS:
         app.include_router(r.router)
     install_metrics(app)
-    install_openapi(app, (JobConfig, AdaptRequest, EvaluationRequest, PredictRequest), _errors_for)
+    install_openapi(app, (JobConfig, AdaptRequest, EvaluationRequest, PredictRequest, KeyCreate), _errors_for)
     return app
 
 
 BODY_ROUTES = {("/v1/jobs", "post"), ("/v1/models/{model_id}/adapt", "post"), ("/v1/datasets", "post"),
-               ("/v1/models/{model_id}/evaluations", "post"), ("/v1/adapters/{adapter_id}/predict", "post")}
+               ("/v1/models/{model_id}/evaluations", "post"), ("/v1/adapters/{adapter_id}/predict", "post"),
+               ("/v1/admin/keys", "post")}
+# deletes that a dependent resource can refuse (409; the rules in store/lifecycle.py)
+CONFLICT_DELETES = {"/v1/jobs/{job_id}", "/v1/models/{model_id}", "/v1/checkpoints/{ckpt_id}",
+                    "/v1/datasets/{dataset_id}"}
 ADAPT_ROUTES = {("/v1/models/{model_id}/adapt", "post"), ("/v1/adapters/{adapter_id}/predict", "post")}
 
 
@@ -75,9 +78,13 @@ def _errors_for(path: str, method: str, op: dict) -> set:
     if (path, method) in BODY_ROUTES:
         codes |= {413, 422}
     if (path, method) in ADAPT_ROUTES:
-        codes |= {429, 503, 504}
-    if path.endswith("/retry"):
+        codes |= {410, 429, 503, 504}  # 410: the model's or adapter's file is gone from the artifact store
+    if path.endswith("/retry") or (method == "delete" and path in CONFLICT_DELETES):
         codes.add(409)
+    if path.startswith("/v1/admin/"):
+        codes.add(403)
+    if path.endswith("/file"):
+        codes.add(410)
     if path == "/readyz":
         codes.add(503)
     return codes

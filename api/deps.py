@@ -1,21 +1,21 @@
 """Request dependencies shared by the routers: the database session, the caller's tenant (bearer API key),
-ownership checks (404 for another tenant's resource) and cursor pagination."""
+admin keys (403 for others), ownership checks (404 for another tenant's resource) and cursor pagination."""
 
 import base64
-import time
 from datetime import datetime
 from typing import Annotated, Optional
 
 from fastapi import Depends, Header, Query, Request
+from fastapi.responses import FileResponse
 from sqlalchemy import and_, or_, select
 
-from store.keys import hash_key
-from store.models import Adapter, ApiKey, Dataset, Job, MetaModelRow
+from store.artifacts import MissingArtifact
+from store.keys import key_for
+from store.models import Adapter, Dataset, Job, MetaModelRow
 
 from .errors import ApiError, unprocessable
 
 PAGE_LIMIT_MAX = 100
-KEY_CACHE_S = 30.0
 
 
 def db_session(request: Request):
@@ -23,25 +23,34 @@ def db_session(request: Request):
         yield s
 
 
-def tenant(request: Request, authorization: Annotated[Optional[str], Header()] = None) -> str:
+def _caller(request: Request, authorization: Optional[str]):
+    """``(tenant, admin)`` of the bearer key. Checked against the database on every request (one query on the
+    unique ``key_hash`` index, no cache), so a revoked key is refused from the next request on, in every API
+    process (issue 12; measured in benchmarks/key_check.py)."""
     if not authorization or not authorization.lower().startswith("bearer "):
         raise ApiError(401, "missing bearer API key (Authorization: Bearer <key>)",
                        headers={"WWW-Authenticate": "Bearer"})
-    h = hash_key(authorization[7:].strip())
-    cache = request.app.state.key_cache
-    hit = cache.get(h)
-    if hit and hit[1] > time.monotonic():
-        return hit[0]
-    with request.app.state.db.session() as s:
-        t = s.scalar(select(ApiKey.tenant).where(ApiKey.key_hash == h, ApiKey.revoked.is_(False)))
-    if t is None:
-        raise ApiError(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
-    cache[h] = (t, time.monotonic() + KEY_CACHE_S)
-    return t
+    with request.app.state.db.engine.connect() as c:  # a bare connection: ~0.1 ms less than an ORM session
+        row = key_for(c, authorization[7:].strip())
+    if row is None:
+        raise ApiError(401, "invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+    return row
+
+
+def tenant(request: Request, authorization: Annotated[Optional[str], Header()] = None) -> str:
+    return _caller(request, authorization).tenant
+
+
+def admin_tenant(request: Request, authorization: Annotated[Optional[str], Header()] = None) -> str:
+    row = _caller(request, authorization)
+    if not row.admin:
+        raise ApiError(403, "this route needs an admin API key (metashrink keys create --admin)")
+    return row.tenant
 
 
 Session = Annotated[object, Depends(db_session)]
 Tenant = Annotated[str, Depends(tenant)]
+Admin = Annotated[str, Depends(admin_tenant)]
 Limit = Annotated[int, Query(ge=1, le=PAGE_LIMIT_MAX)]
 
 
@@ -66,6 +75,17 @@ def own_dataset(s, t: str, dataset_id: str) -> Dataset:
 
 def own_adapter(s, t: str, adapter_id: str) -> Adapter:
     return _own(s, t, Adapter, adapter_id, "adapter")
+
+
+def artifact_file(request: Request, uri: str, what: str, filename: str, sha256: str) -> FileResponse:
+    """The artifact's file as a download, or 410 when the row's file is gone from the store (the message names
+    the resource, never a server path)."""
+    try:
+        path = request.app.state.store.existing(uri)
+    except MissingArtifact:
+        raise ApiError(410, f"{what}: its file is missing from the artifact store") from None
+    return FileResponse(path, media_type="application/octet-stream", filename=filename,
+                        headers={"X-Checksum-Sha256": sha256})
 
 
 # --------------------------------------------------------------------------- cursor pagination

@@ -1,4 +1,4 @@
-"""The ``metashrink`` command line: serve (embedded default), keys, jobs, datasets, adapt."""
+"""The ``metashrink`` command line: serve (embedded default), keys, jobs, datasets, delete, adapt."""
 from __future__ import annotations
 
 import argparse
@@ -24,12 +24,12 @@ def _migrate(settings):
     upgrade(settings.database_url)
 
 
-def _new_key(settings, tenant: str) -> str:
+def _new_key(settings, tenant: str, admin: bool = False) -> str:
     from store.db import Database
     from store.keys import create_key
     db = Database(settings.database_url)
     with db.session() as s:
-        key = create_key(s, tenant)
+        key = create_key(s, tenant, admin)
     db.dispose()
     return key
 
@@ -113,10 +113,46 @@ def _pings(r) -> bool:
 
 
 def cmd_keys_create(a):
+    import re
+
+    from schemas.api import TENANT_PATTERN
+    if not re.match(TENANT_PATTERN, a.tenant):
+        sys.exit(f"metashrink keys create: a tenant is letters, digits and _ . @ - (at most 128), got {a.tenant!r}")
     settings = _settings(a.data_dir)
     _migrate(settings)
-    print(f"API key for tenant '{a.tenant}' (shown once; only its hash is stored):")
-    print(_new_key(settings, a.tenant))
+    print(f"{'Admin API' if a.admin else 'API'} key for tenant '{a.tenant}' (shown once; only its hash is stored):")
+    print(_new_key(settings, a.tenant, a.admin))
+
+
+def _keys_db(a):
+    from store.db import Database
+    settings = _settings(a.data_dir)
+    _migrate(settings)
+    return Database(settings.database_url)
+
+
+def cmd_keys_list(a):
+    """The keys on the database (never their hashes), newest first, as JSON."""
+    from store.keys import key_view, list_keys
+    db = _keys_db(a)
+    with db.session() as s:
+        items = [key_view(k) for k in list_keys(s, a.tenant, include_revoked=not a.active)]
+    db.dispose()
+    print(json.dumps({"items": items}, indent=2, default=lambda d: d.isoformat() + "Z"))
+
+
+def cmd_keys_revoke(a):
+    """Revoke a key by id: every API process refuses it from its next request on."""
+    from store.keys import key_view, revoke_key
+    db = _keys_db(a)
+    with db.session() as s:
+        row = revoke_key(s, a.key_id)
+        view = key_view(row) if row is not None else None
+    db.dispose()
+    if view is None:
+        print(f"error: key {a.key_id} not found (metashrink keys list shows the ids)", file=sys.stderr)
+        return 1
+    print(json.dumps(view, indent=2, default=lambda d: d.isoformat() + "Z"))
 
 
 def cmd_migrate(a):
@@ -183,6 +219,11 @@ def cmd_datasets_list(a):
     print(json.dumps(_client(a).datasets(a.limit, a.cursor), indent=2))
 
 
+def cmd_delete(a):
+    _client(a).delete(a.kind, a.id)
+    print(json.dumps({"deleted": a.kind, "id": a.id}))
+
+
 def cmd_adapt(a):
     body = json.loads(Path(a.support).read_text())
     if "support" not in body:  # a bare {"x", "y"} support set, queries given separately or = support x
@@ -215,8 +256,18 @@ def main(argv=None):
     k = sub.add_parser("keys").add_subparsers(dest="sub", required=True)
     kc = k.add_parser("create", help="create an API key (printed as the last line)")
     kc.add_argument("--tenant", required=True)
+    kc.add_argument("--admin", action="store_true", help="the key may also manage keys (/v1/admin/keys)")
     kc.add_argument("--data-dir", default=None)
     kc.set_defaults(fn=cmd_keys_create)
+    kl = k.add_parser("list", help="list API keys (id, tenant, prefix, admin, created_at, revoked_at) as JSON")
+    kl.add_argument("--tenant", default=None)
+    kl.add_argument("--active", action="store_true", help="leave revoked keys out")
+    kl.add_argument("--data-dir", default=None)
+    kl.set_defaults(fn=cmd_keys_list)
+    kr = k.add_parser("revoke", help="revoke an API key by id (refused from the next request on)")
+    kr.add_argument("key_id")
+    kr.add_argument("--data-dir", default=None)
+    kr.set_defaults(fn=cmd_keys_revoke)
 
     j = sub.add_parser("jobs").add_subparsers(dest="sub", required=True)
     js = j.add_parser("submit")
@@ -260,6 +311,13 @@ def main(argv=None):
     dli.add_argument("--cursor", default=None)
     client_args(dli)
     dli.set_defaults(fn=cmd_datasets_list)
+
+    dl = sub.add_parser("delete", help="delete a job, model, checkpoint, dataset, adapter or evaluation (a queued "
+                                       "or running job is canceled first; 409 names what still depends on it)")
+    dl.add_argument("kind", choices=["job", "model", "checkpoint", "dataset", "adapter", "evaluation"])
+    dl.add_argument("id")
+    client_args(dl)
+    dl.set_defaults(fn=cmd_delete)
 
     ad = sub.add_parser("adapt", help="POST a support set to a model; prints predictions")
     ad.add_argument("model_id")

@@ -29,7 +29,7 @@ class Client:
             except ValueError:
                 body = r.text
             raise ApiError(r.status_code, body)
-        return r.json()
+        return r.json() if r.content else None  # 204: nothing
 
     def submit(self, config: dict, idempotency_key: str | None = None) -> dict:
         h = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
@@ -96,6 +96,47 @@ class Client:
             if timeout is not None and time.monotonic() - t0 > timeout:
                 raise TimeoutError(f"dataset {dataset_id} still processing after {timeout} s")
             time.sleep(poll)
+
+    # deletes: None on success; ApiError 404 (unknown, or another tenant's) or 409 (something depends on it)
+    DELETABLE = {"job": "jobs", "model": "models", "checkpoint": "checkpoints", "dataset": "datasets",
+                 "adapter": "adapters", "evaluation": "evaluations"}
+
+    def delete(self, kind: str, id_: str) -> None:
+        """Delete a job, model, checkpoint, dataset, adapter or evaluation (``kind``); the rules are in the
+        API's DELETE routes (a queued or running job is canceled first)."""
+        if kind not in self.DELETABLE:
+            raise ValueError(f"kind must be one of {sorted(self.DELETABLE)}")
+        self._call("DELETE", f"/v1/{self.DELETABLE[kind]}/{id_}")
+
+    def delete_job(self, job_id: str) -> None:
+        self.delete("job", job_id)
+
+    def delete_model(self, model_id: str) -> None:
+        self.delete("model", model_id)
+
+    def delete_checkpoint(self, ckpt_id: str) -> None:
+        self.delete("checkpoint", ckpt_id)
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        self.delete("dataset", dataset_id)
+
+    def delete_adapter(self, adapter_id: str) -> None:
+        self.delete("adapter", adapter_id)
+
+    def delete_evaluation(self, eval_id: str) -> None:
+        self.delete("evaluation", eval_id)
+
+    # API keys (an admin key only)
+    def keys(self, tenant: str | None = None, limit: int = 100, cursor: str | None = None) -> dict:
+        params = {k: v for k, v in {"tenant": tenant, "limit": limit, "cursor": cursor}.items() if v is not None}
+        return self._call("GET", "/v1/admin/keys", params=params)
+
+    def create_key(self, tenant: str, admin: bool = False) -> dict:
+        """The new key's record with ``key``, the key itself (shown this once)."""
+        return self._call("POST", "/v1/admin/keys", json={"tenant": tenant, "admin": admin})
+
+    def revoke_key(self, key_id: str) -> None:
+        self._call("DELETE", f"/v1/admin/keys/{key_id}")
 
     def wait(self, job_id: str, poll: float = 1.0, on_progress=None, timeout: float | None = None) -> dict:
         t0 = time.monotonic()

@@ -187,3 +187,32 @@ class PredictRequest(BaseModel):
 
 class PredictOut(BaseModel):
     predictions: list[list[float]]
+
+
+# --------------------------------------------------------------------------- API keys (admin routes)
+TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$"  # a tenant names folders in the artifact store
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tenant: str = Field(pattern=TENANT_PATTERN, description="letters, digits and _ . @ - (at most 128)")
+    admin: bool = Field(False, description="the key may also manage keys (/v1/admin/keys)")
+
+
+class KeyOut(BaseModel):
+    id: str
+    tenant: str
+    prefix: str = Field(description="the key's first characters, to recognise it; the key itself is never stored")
+    admin: bool
+    revoked: bool
+    created_at: UtcDatetime
+    revoked_at: Optional[UtcDatetime] = None
+
+
+class KeyCreated(KeyOut):
+    key: str = Field(description="the API key, shown this once (only its SHA-256 hash is stored)")
+
+
+class KeyPage(BaseModel):
+    items: list[KeyOut]
+    next_cursor: Optional[str] = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,24 @@ class StoredArtifact:
 
 class ArtifactError(Exception):
     pass
+
+
+class MissingArtifact(ArtifactError):
+    """The database names an artifact whose file is gone. The message names the artifact by its key in the store,
+    never by a server path: it reaches API answers (a 410) and job, evaluation and adapt errors."""
+
+
+def public_message(e: BaseException, roots=()) -> str:
+    """``"Type: message"`` for an error that reaches API answers (job and evaluation errors, adapt failures)
+    without this server's paths: an OSError names its file by its name only, and each of ``roots`` (the data
+    directory, the artifact store, the code) is replaced by ``<server>``."""
+    if isinstance(e, OSError) and e.filename is not None:
+        msg = f"{e.strerror or 'error'}: {Path(os.fsdecode(e.filename)).name}"
+    else:
+        msg = str(e)
+    for root in sorted((str(r) for r in roots if r), key=len, reverse=True):
+        msg = msg.replace(root, "<server>")
+    return f"{type(e).__name__}: {msg}"
 
 
 def sha256_file(path: Path) -> str:
@@ -52,6 +71,13 @@ class LocalArtifactStore:
             raise ArtifactError(f"not a local artifact uri: {uri!r}")
         return self._path(uri[len("file:"):])
 
+    def existing(self, uri: str) -> Path:
+        """``path(uri)``, or MissingArtifact when its file is gone."""
+        p = self.path(uri)
+        if not p.is_file():
+            raise MissingArtifact(f"artifact {uri[len('file:'):]} is missing from the artifact store")
+        return p
+
     def put_bytes(self, key: str, data: bytes) -> StoredArtifact:
         p = self._path(key)
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -77,7 +103,7 @@ class LocalArtifactStore:
         """(tensors, metadata); verifies the sha256 when given."""
         from safetensors.torch import load_file
 
-        p = self.path(uri)
+        p = self.existing(uri)
         if sha256 is not None and sha256_file(p) != sha256:
             raise ArtifactError(f"artifact {uri} does not match its recorded sha256")
         with safe_open(str(p), framework="pt") as f:
@@ -93,9 +119,16 @@ class LocalArtifactStore:
         except FileNotFoundError:
             pass
 
+    def delete_prefix(self, key: str):
+        """Every artifact under ``key/`` (a job's checkpoints, orphans of lost attempts included)."""
+        p = self._path(key.rstrip("/"))
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
 
 def make_store(settings) -> LocalArtifactStore:
     return LocalArtifactStore(Path(settings.artifacts_dir))
 
 
-__all__ = ["LocalArtifactStore", "StoredArtifact", "ArtifactError", "make_store", "sha256_file"]
+__all__ = ["LocalArtifactStore", "StoredArtifact", "ArtifactError", "MissingArtifact", "make_store", "public_message",
+           "sha256_file"]

@@ -51,7 +51,7 @@ def get_collection(store, uri: str, sha256: str | None = None):
 
     from datasets.upload import ImageCollection, RegressionCollection
 
-    p = store.path(uri)
+    p = store.existing(uri)  # MissingArtifact (no server path in it) when the file is gone
     if sha256 is not None and sha256_file(p) != sha256:
         raise ArtifactError(f"dataset artifact {uri} does not match its recorded sha256")
     with safe_open(str(p), framework="np") as f:

@@ -60,6 +60,18 @@ def release(session, job_id: str, owner: str) -> None:
                     .execution_options(synchronize_session=False))
 
 
+def request_cancel(session, job_id: str) -> None:
+    """A queued job ends ``canceled`` at once (a worker's claim then refuses it); a running one gets
+    ``cancel_requested``, which its worker reads at its next heartbeat and ends the job ``canceled`` (or the
+    reconciler does, once the lease of a lost worker expires)."""
+    now = utcnow()
+    session.execute(update(Job).where(Job.id == job_id, Job.status == "queued")
+                    .values(status="canceled", cancel_requested=True, updated_at=now, finished_at=now)
+                    .execution_options(synchronize_session=False))
+    session.execute(update(Job).where(Job.id == job_id, Job.status == "running")
+                    .values(cancel_requested=True, updated_at=now).execution_options(synchronize_session=False))
+
+
 def retry(session, job_id: str) -> bool:
     """A failed or canceled job back to ``queued`` with a fresh attempt budget; the worker that claims it
     resumes from its latest checkpoint. False when the job is not failed or canceled."""

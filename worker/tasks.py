@@ -23,7 +23,7 @@ from celery.utils.time import maybe_iso8601
 from sqlalchemy import insert, select, update
 
 from store import jobs as Q
-from store.artifacts import make_store
+from store.artifacts import MissingArtifact, make_store, public_message
 from store.db import Database
 from store.datasets import dataset_ids, get_collection
 from store.models import (Adapter, Checkpoint, Dataset, Evaluation, Job, JobMetric, MetaModelRow, ModuleMap,
@@ -105,6 +105,14 @@ def use_datasets(rt: _Runtime, tenant: str, tasks_cfg: dict) -> None:
         datasets.register_dataset(did, load)
 
 
+def _public(rt: _Runtime, e: BaseException) -> str:
+    """The error as the API shows it (job and evaluation errors, adapt 500s): no path of this server in it."""
+    from datasets.omniglot import default_directory
+    code = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return public_message(e, (os.path.abspath(rt.settings.data_dir), str(rt.store.root), code,
+                              str(default_directory())))
+
+
 def _finite(v):
     v = float(v)
     return v if math.isfinite(v) else None
@@ -135,7 +143,7 @@ def run_job(job_id: str):
     except Exception as e:  # a failure a person can act on: the config or the data, not the infrastructure
         log.exception("job %s failed", job_id)
         with rt.db.session() as ses:
-            Q.finish(ses, job_id, owner, "failed", error=f"{type(e).__name__}: {e}")
+            Q.finish(ses, job_id, owner, "failed", error=_public(rt, e))
         return "failed"
 
 
@@ -303,7 +311,7 @@ def run_evaluation(eval_id: str):
     except Exception as e:
         log.exception("evaluation %s failed", eval_id)
         with rt.db.session() as ses:
-            Q.finish_evaluation(ses, eval_id, owner, "failed", error=f"{type(e).__name__}: {e}")
+            Q.finish_evaluation(ses, eval_id, owner, "failed", error=_public(rt, e))
         return "failed"
 
 
@@ -338,7 +346,8 @@ def ordered_tensors(tensors: dict, meta: dict) -> dict:
 
 def _reply(rt: _Runtime, request_id: str, what: str, work) -> None:
     """Run ``work() -> dict`` and push its JSON reply on the Redis list the waiting API pops: a ValueError
-    (bad input the core rejected) becomes a 422 message, anything else a logged 500."""
+    (bad input the core rejected) becomes a 422 message, a missing artifact file a 410, anything else a logged
+    500."""
     try:
         out = {"ok": True, **work()}
     except DeadlinePassed as e:
@@ -346,9 +355,12 @@ def _reply(rt: _Runtime, request_id: str, what: str, work) -> None:
         return
     except ValueError as e:
         out = {"ok": False, "status": 422, "message": str(e)}
+    except MissingArtifact as e:  # the model's or adapter's file is gone: 410, naming the artifact, not a path
+        log.warning("%s %s: %s", what, request_id, e)
+        out = {"ok": False, "status": 410, "message": str(e)}
     except Exception as e:
         log.exception("%s %s failed", what, request_id)
-        out = {"ok": False, "status": 500, "message": f"{type(e).__name__}: {e}"}
+        out = {"ok": False, "status": 500, "message": _public(rt, e)}
     key = reply_key(request_id)
     pipe = rt.redis.pipeline()
     pipe.rpush(key, json.dumps(out))

@@ -7,7 +7,7 @@ from sqlalchemy import select
 from schemas.api import CheckpointList
 from store.models import Checkpoint, Job
 
-from ..deps import Session, Tenant, own_job
+from ..deps import Session, Tenant, artifact_file, own_job
 from ..errors import ApiError
 
 router = APIRouter(tags=["jobs"])
@@ -29,8 +29,4 @@ def checkpoint_file(ckpt_id: str, request: Request, s: Session, t: Tenant):
     c = s.get(Checkpoint, ckpt_id)
     if c is None or s.get(Job, c.job_id).tenant != t:
         raise ApiError(404, f"checkpoint {ckpt_id} not found")
-    path = request.app.state.store.path(c.uri)
-    if not path.exists():
-        raise ApiError(404, f"checkpoint {ckpt_id}: file missing from the artifact store")
-    return FileResponse(path, media_type="application/octet-stream", filename=f"{ckpt_id}.safetensors",
-                        headers={"X-Checksum-Sha256": c.sha256})
+    return artifact_file(request, c.uri, f"checkpoint {ckpt_id}", f"{ckpt_id}.safetensors", c.sha256)

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from schemas import JobConfig
@@ -101,12 +101,7 @@ def get_job(job_id: str, s: Session, t: Tenant):
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut)
 def cancel_job(job_id: str, s: Session, t: Tenant):
     j = own_job(s, t, job_id)
-    now = utcnow()
-    s.execute(update(Job).where(Job.id == job_id, Job.status == "queued")
-              .values(status="canceled", cancel_requested=True, updated_at=now, finished_at=now)
-              .execution_options(synchronize_session=False))
-    s.execute(update(Job).where(Job.id == job_id, Job.status == "running")
-              .values(cancel_requested=True, updated_at=now).execution_options(synchronize_session=False))
+    Q.request_cancel(s, job_id)
     s.commit()
     s.refresh(j)
     return job_view(j)

@@ -12,7 +12,7 @@ from store.models import MetaModelRow
 from store.settings import Settings
 
 from ..bodies import read_json
-from ..deps import Limit, Session, Tenant, own_model, page
+from ..deps import Limit, Session, Tenant, artifact_file, own_model, page
 from ..dispatch import run_adapt
 from ..errors import json_body, unprocessable
 from ..validation import as_array, check_inputs, check_targets
@@ -34,8 +34,7 @@ def get_model(model_id: str, s: Session, t: Tenant):
 @router.get("/{model_id}/file", response_class=FileResponse)
 def model_file(model_id: str, request: Request, s: Session, t: Tenant):
     m = own_model(s, t, model_id)
-    return FileResponse(request.app.state.store.path(m.uri), media_type="application/octet-stream",
-                        filename=f"{model_id}.safetensors", headers={"X-Checksum-Sha256": m.sha256})
+    return artifact_file(request, m.uri, f"model {model_id}", f"{model_id}.safetensors", m.sha256)
 
 
 @router.post("/{model_id}/adapt", response_model=AdaptOut, openapi_extra=json_body(AdaptRequest))

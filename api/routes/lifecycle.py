@@ -1,0 +1,91 @@
+"""DELETE for every resource a tenant owns: jobs, models, checkpoints, datasets, adapters, evaluations.
+
+The dependency rules between them live in one place, ``store.lifecycle`` (its docstring; each route restates
+its own). Every delete answers 204 on success, 404 for an unknown id or another tenant's (as every read does),
+and 409 (problem+json naming what still depends on the resource) where a rule refuses it. Rows go in one
+transaction; the artifact files are removed from the store after it commits.
+"""
+
+from fastapi import APIRouter, Request, Response
+
+from store import lifecycle as L
+from store.jobs import ACTIVE
+from store.models import Checkpoint, Evaluation, Job
+
+from ..deps import Session, Tenant, own_adapter, own_dataset, own_job, own_model
+from ..errors import ApiError
+
+router = APIRouter()
+NO_CONTENT = dict(status_code=204, response_class=Response)
+
+
+def _delete(request: Request, s, fn, *rows) -> Response:
+    try:
+        artifacts = fn(s, *rows)
+    except L.Conflict as e:
+        raise ApiError(409, e.detail, headers={"Retry-After": str(e.retry_after)} if e.retry_after else None)
+    s.commit()
+    L.remove_artifacts(request.app.state.store, artifacts)
+    return Response(status_code=204)
+
+
+@router.delete("/v1/jobs/{job_id}", tags=["jobs"], **NO_CONTENT)
+def delete_job(job_id: str, request: Request, s: Session, t: Tenant):
+    """Delete a job with its metrics, module maps and checkpoints (rows and files). A queued or running job is
+    canceled first: the request waits (up to one lease, ``lease_seconds``) for its worker to stop at its next
+    heartbeat, and answers 409 with Retry-After if it has not stopped by then. 409 while the model the job
+    published exists (delete the model first)."""
+    j = own_job(s, t, job_id)
+    if j.status in ACTIVE:
+        s.commit()  # end this transaction (an SQLite snapshot would hide the worker's update) while we wait
+        try:
+            L.stop_job(request.app.state.db, job_id, timeout=request.app.state.settings.lease_seconds)
+        except L.Conflict as e:
+            raise ApiError(409, e.detail, headers={"Retry-After": str(e.retry_after)})
+        s.refresh(j)
+    return _delete(request, s, L.delete_job, j)
+
+
+@router.delete("/v1/models/{model_id}", tags=["models"], **NO_CONTENT)
+def delete_model(model_id: str, request: Request, s: Session, t: Tenant):
+    """Delete a published model, its file, its adapters (rows and files) and its finished evaluations. 409 while
+    an evaluation of it is queued or running (wait for it, or delete it first). The job that published it
+    keeps its ``model_id`` as a record; the model answers 404 from now on."""
+    return _delete(request, s, L.delete_model, own_model(s, t, model_id))
+
+
+@router.delete("/v1/checkpoints/{ckpt_id}", tags=["jobs"], **NO_CONTENT)
+def delete_checkpoint(ckpt_id: str, request: Request, s: Session, t: Tenant):
+    """Delete one checkpoint (row and file). 409 while its job is queued or running (the worker resumes from,
+    and writes, checkpoints). When it was the job's best checkpoint, the job's ``best_checkpoint_id`` is
+    cleared; a model the job published is a file of its own and stays."""
+    c = s.get(Checkpoint, ckpt_id)
+    j = s.get(Job, c.job_id) if c is not None else None
+    if j is None or j.tenant != t:
+        raise ApiError(404, f"checkpoint {ckpt_id} not found")
+    return _delete(request, s, L.delete_checkpoint, c, j)
+
+
+@router.delete("/v1/datasets/{dataset_id}", tags=["datasets"], **NO_CONTENT)
+def delete_dataset(dataset_id: str, request: Request, s: Session, t: Tenant):
+    """Delete an uploaded dataset (row and file; frees its quota). 409 while a queued or running job trains on
+    it, or while a model trained on it exists (its evaluations and adaptations load the dataset); the answer
+    names them. A failed or canceled job that used it stays and fails on retry. A dataset still processing can
+    be deleted: its worker finds the row gone and removes what it wrote."""
+    return _delete(request, s, L.delete_dataset, own_dataset(s, t, dataset_id))
+
+
+@router.delete("/v1/adapters/{adapter_id}", tags=["adapters"], **NO_CONTENT)
+def delete_adapter(adapter_id: str, request: Request, s: Session, t: Tenant):
+    """Delete a saved adapter (row and file); nothing depends on it."""
+    return _delete(request, s, L.delete_adapter, own_adapter(s, t, adapter_id))
+
+
+@router.delete("/v1/evaluations/{eval_id}", tags=["evaluations"], **NO_CONTENT)
+def delete_evaluation(eval_id: str, request: Request, s: Session, t: Tenant):
+    """Delete an evaluation and its results; never 409. A queued one is never run; a running one stops at its
+    next progress report (its worker finds the row gone and writes nothing more)."""
+    e = s.get(Evaluation, eval_id)
+    if e is None or e.tenant != t:
+        raise ApiError(404, f"evaluation {eval_id} not found")
+    return _delete(request, s, L.delete_evaluation, e)
