@@ -171,7 +171,7 @@ def run_adapt(app: FastAPI, tenant: str, target_id: str, payload: dict, task: st
     out = json.loads(got[1])
     if not out.pop("ok"):
         if out["status"] == 422:
-            raise unprocessable(["body"], out["message"])
+            raise unprocessable(out.get("loc") or ["body"], out["message"])
         if out["status"] == 410:
             raise ApiError(410, out["message"])
         raise ApiError(500, f"adaptation failed: {out['message']}")

@@ -75,11 +75,14 @@ PROBLEM_SCHEMA = {
                                       "msg": {"type": "string"}}}}}}
 
 
-def json_body(model) -> dict:
+def json_body(model, form: dict | None = None) -> dict:
     """``openapi_extra`` for a route that reads its JSON body itself (capped, parsed off the event loop): the
-    model's schema as the documented request body (its definitions go to components, see ``install_openapi``)."""
-    return {"requestBody": {"required": True, "content": {"application/json": {
-        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+    model's schema as the documented request body (its definitions go to components, see ``install_openapi``).
+    ``form``: the schema of a ``multipart/form-data`` alternative the route also reads (image files)."""
+    content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
+    if form is not None:
+        content["multipart/form-data"] = {"schema": form}
+    return {"requestBody": {"required": True, "content": content}}
 
 
 def install_openapi(app: FastAPI, body_models, errors_for) -> None:

@@ -28,14 +28,17 @@ def selection_view(entries: list, config: dict) -> dict:
             "separated": 0 < n_sel < len(entries)}
 
 
-def model_view(m: MetaModelRow) -> dict:
+def model_view(m: MetaModelRow, preprocessing: dict | None = None) -> dict:
+    """``preprocessing``: the image input preprocessing (store.preprocessing.of_model); default: the recorded one."""
+    if preprocessing is None and m.preprocessing:
+        preprocessing = {**m.preprocessing, "recorded": True}
     total = sum(r["n_params"] for r in m.module_map) or 1
     sel = [r["name"] for r in m.module_map if r["selected"]]
     share = sum(r["n_params"] for r in m.module_map if r["selected"]) / total
     return {"id": m.id, "job_id": m.job_id, "kind": m.kind, "input_shape": m.input_shape,
             "output_dim": m.output_dim, "config": m.config, "module_map": m.module_map, "selected_modules": sel,
             "selection": selection_view(m.module_map, m.config), "selected_share": share, "sha256": m.sha256,
-            "bytes": m.bytes, "created_at": m.created_at}
+            "bytes": m.bytes, "created_at": m.created_at, "preprocessing": preprocessing}
 
 
 def dataset_view(d: Dataset) -> dict:

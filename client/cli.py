@@ -225,6 +225,10 @@ def cmd_delete(a):
 
 
 def cmd_adapt(a):
+    if a.support_dir or a.query_dir:
+        return _adapt_images(a)
+    if not a.support:
+        sys.exit("metashrink adapt: give a JSON file (support.json) or image folders (--support DIR --query DIR)")
     body = json.loads(Path(a.support).read_text())
     if "support" not in body:  # a bare {"x", "y"} support set, queries given separately or = support x
         body = {"support": body, "query": {"x": body["x"]}}
@@ -232,6 +236,67 @@ def cmd_adapt(a):
         body["steps"] = a.steps
     r = _client(a)._call("POST", f"/v1/models/{a.model_id}/adapt", json=body)
     print(json.dumps(r["predictions"]))
+
+
+def _adapt_images(a):
+    """``--support DIR`` (one folder per class; labels 0..N-1 in sorted folder order) and ``--query DIR`` (image
+    files, or class folders: then the accuracy is printed); the image files are sent as they are."""
+    from client.sdk import class_folders, image_files
+
+    if not (a.support_dir and a.query_dir):
+        sys.exit("metashrink adapt: image folders need both --support DIR and --query DIR")
+    if a.support:
+        sys.exit("metashrink adapt: give either a JSON file or --support/--query folders, not both")
+    for d in (a.support_dir, a.query_dir):
+        if not Path(d).is_dir():
+            sys.exit(f"metashrink adapt: {d} is not a folder")
+    classes, support, labels = class_folders(a.support_dir)
+    if not support:
+        sys.exit(f"metashrink adapt: no images in class folders under {a.support_dir} (expected DIR/CLASS/image.png)")
+    empty = [c for c, n in ((c, labels.count(i)) for i, c in enumerate(classes)) if n == 0]
+    if empty:
+        sys.exit(f"metashrink adapt: class folder(s) without images under {a.support_dir}: {empty}")
+    q_classes, query, truth = class_folders(a.query_dir)
+    loose = image_files(a.query_dir)
+    if q_classes and loose:
+        sys.exit(f"metashrink adapt: {a.query_dir} holds both image files and class folders; use one or the other")
+    if q_classes:
+        unknown = [c for c in q_classes if c not in classes]
+        if unknown:
+            sys.exit(f"metashrink adapt: query class folder(s) {unknown} are not support classes {classes}")
+        truth = [classes.index(q_classes[t]) for t in truth]
+    else:
+        query, truth = loose, None
+    if not query:
+        sys.exit(f"metashrink adapt: no images in {a.query_dir}")
+    modules = a.modules
+    if modules and modules not in ("selected", "all"):
+        modules = [m for m in modules.split(",") if m]
+    r = _client(a).adapt_images(a.model_id, support, labels, query, a.steps, modules, a.save_adapter)
+    pred = [max(range(len(row)), key=row.__getitem__) for row in r["predictions"]]
+    names = [f"{p.parent.name}/{p.name}" for p in query]
+    out = {"classes": classes, "support": len(support), "query": len(query),
+           "predictions": [{"file": n, "label": k, "class": classes[k] if k < len(classes) else None,
+                            **({"true": classes[t]} if truth is not None else {})}
+                           for n, k, t in zip(names, pred, truth or [None] * len(pred))],
+           "accuracy": (sum(p == t for p, t in zip(pred, truth)) / len(truth)) if truth is not None else None,
+           "adapted_modules": r["adapted_modules"], "loss_curve": r["loss_curve"],
+           "diverged_at_step": r.get("diverged_at_step"), "adapter_id": r.get("adapter_id"),
+           "logits": r["predictions"]}
+    if a.json:
+        print(json.dumps(out))
+        return 0
+    print("classes (label: support folder): " + ", ".join(f"{i}: {c}" for i, c in enumerate(classes)))
+    for p in out["predictions"]:
+        print(f"{p['file']}\t{p['label']}\t{p['class']}" + (f"\t(true: {p['true']})" if "true" in p else ""))
+    if truth is not None:
+        print(f"accuracy: {out['accuracy']:.4f} ({sum(p == t for p, t in zip(pred, truth))}/{len(truth)})")
+    if out["diverged_at_step"] is not None:
+        print(f"warning: adaptation diverged at step {out['diverged_at_step']}", file=sys.stderr)
+    if out["adapter_id"]:
+        print(f"adapter: {out['adapter_id']}")
+    return 0
+
 
 
 def main(argv=None):
@@ -319,9 +384,18 @@ def main(argv=None):
     client_args(dl)
     dl.set_defaults(fn=cmd_delete)
 
-    ad = sub.add_parser("adapt", help="POST a support set to a model; prints predictions")
+    ad = sub.add_parser("adapt", help="POST a support set to a model (JSON arrays, or image folders); prints "
+                                      "predictions")
     ad.add_argument("model_id")
-    ad.add_argument("support", help='JSON: {"support": {"x", "y"}, "query": {"x"}, "steps"} or a bare {"x", "y"}')
+    ad.add_argument("support", nargs="?", default=None,
+                    help='JSON: {"support": {"x", "y"}, "query": {"x"}, "steps"} or a bare {"x", "y"}')
+    ad.add_argument("--support", dest="support_dir", metavar="DIR", default=None,
+                    help="image model: a folder of class folders (folder name = class; labels 0..N-1 in sorted order)")
+    ad.add_argument("--query", dest="query_dir", metavar="DIR", default=None,
+                    help="image model: a folder of images, or of class folders (then the accuracy is printed)")
+    ad.add_argument("--modules", default=None, help="image folders: selected, all, or module names separated by commas")
+    ad.add_argument("--save-adapter", action="store_true", help="image folders: store the adapter (prints its id)")
+    ad.add_argument("--json", action="store_true", help="image folders: print one JSON object")
     ad.add_argument("--steps", type=int, default=None)
     client_args(ad)
     ad.set_defaults(fn=cmd_adapt)

@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
 
 import httpx
+
+# what the server decodes (datasets/upload.py); a file with another extension in an image folder is skipped
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm")
 
 
 class ApiError(Exception):
@@ -138,6 +142,26 @@ class Client:
     def revoke_key(self, key_id: str) -> None:
         self._call("DELETE", f"/v1/admin/keys/{key_id}")
 
+    def adapt_images(self, model_id: str, support, labels, query, steps: int | None = None, modules=None,
+                     save_adapter: bool = False) -> dict:
+        """Adapt an image model to image files as they are (multipart): ``support`` paths with one class label
+        each (``labels``, same order), ``query`` paths. The server preprocesses them exactly as the model's
+        training data (GET /v1/models/{id}: ``preprocessing``). Same answer as ``adapt``."""
+        data = {"labels": json.dumps([int(v) for v in labels]), "save_adapter": "true" if save_adapter else "false"}
+        if steps is not None:
+            data["steps"] = str(int(steps))
+        if modules is not None:
+            data["modules"] = modules if isinstance(modules, str) else json.dumps(list(modules))
+        return self._call("POST", f"/v1/models/{model_id}/adapt", data=data,
+                          files=_parts("support", support) + _parts("query", query))
+
+    def predict(self, adapter_id: str, x) -> dict:
+        return self._call("POST", f"/v1/adapters/{adapter_id}/predict", json={"x": x})
+
+    def predict_images(self, adapter_id: str, paths) -> dict:
+        """Predict with a stored adapter from image files as they are (multipart ``x``)."""
+        return self._call("POST", f"/v1/adapters/{adapter_id}/predict", files=_parts("x", paths))
+
     def wait(self, job_id: str, poll: float = 1.0, on_progress=None, timeout: float | None = None) -> dict:
         t0 = time.monotonic()
         while True:
@@ -149,3 +173,30 @@ class Client:
             if timeout is not None and time.monotonic() - t0 > timeout:
                 raise TimeoutError(f"job {job_id} still {j['status']} after {timeout} s")
             time.sleep(poll)
+
+
+def _parts(field: str, paths) -> list:
+    """Multipart file parts; each is named by its folder and file name (``class/0001.png``), so that a 422 names
+    it recognisably without sending local paths."""
+    out = []
+    for p in map(Path, paths):
+        out.append((field, (f"{p.parent.name}/{p.name}" if p.parent.name else p.name, p.read_bytes(),
+                            "application/octet-stream")))
+    return out
+
+
+def image_files(directory) -> list[Path]:
+    """The image files directly in ``directory``, sorted by name (hidden files skipped)."""
+    return sorted(p for p in Path(directory).iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def class_folders(directory) -> tuple[list[str], list[Path], list[int]]:
+    """``DIR/CLASS/image`` -> (class names sorted, image paths class after class, labels 0..N-1 by that order)."""
+    classes = sorted(p.name for p in Path(directory).iterdir() if p.is_dir() and not p.name.startswith("."))
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        files = image_files(Path(directory) / name)
+        paths += files
+        labels += [label] * len(files)
+    return classes, paths, labels

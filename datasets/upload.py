@@ -53,6 +53,9 @@ class ImageCollection:
     images: list
     source: str = ""
     notes: list = field(default_factory=list)
+    # how the images were turned into these arrays: {"decode_size": int or None, "invert": bool}; recorded in the
+    # summary, from which a model trained on them derives its input preprocessing (store/preprocessing.py)
+    preprocessing: Optional[dict] = None
 
     @property
     def groups(self) -> list:
@@ -86,7 +89,8 @@ class ImageCollection:
         return {"kind": "image_classes", "classes": len(self.keys), "images": int(sum(counts)),
                 "groups": len(per_group), "classes_per_group": per_group,
                 "images_per_class": {"min": min(counts, default=0), "max": max(counts, default=0)},
-                "image_shape": list(self.shape()), "notes": list(self.notes)}
+                "image_shape": list(self.shape()), "notes": list(self.notes),
+                **({"preprocessing": dict(self.preprocessing)} if self.preprocessing else {})}
 
 
 def _decode(raw: bytes, file: str, member: str):
@@ -162,7 +166,8 @@ def validate_image_zip(data: bytes, name: str = "upload.zip", min_per_class: int
     counts = {len(a) for a in images}
     if len(counts) > 1:
         notes.append(f"classes have {min(counts)}..{max(counts)} images; jobs use the first {min(counts)} of each")
-    return ImageCollection(keys, images, name, notes)
+    return ImageCollection(keys, images, name, notes, {"decode_size": None if image_size is None else int(image_size),
+                                                       "invert": bool(do_invert)})
 
 
 def combine_image_collections(collections: Sequence[ImageCollection]) -> ImageCollection:
@@ -183,7 +188,9 @@ def combine_image_collections(collections: Sequence[ImageCollection]) -> ImageCo
     dup = sum(len(c.keys) for c in collections) - len(keys)
     if dup:
         notes.append(f"{dup} duplicate class path(s) counted once")
-    return ImageCollection(keys, [seen[k] for k in keys], "+".join(c.source for c in collections), notes)
+    pres = [c.preprocessing for c in collections]
+    return ImageCollection(keys, [seen[k] for k in keys], "+".join(c.source for c in collections), notes,
+                           pres[0] if pres and all(p == pres[0] for p in pres) else None)
 
 
 # --------------------------------------------------------------------------- regression points

@@ -91,6 +91,24 @@ class CheckpointList(BaseModel):
     best_checkpoint_id: Optional[str] = None
 
 
+class ImagePreprocessing(_Out):
+    """How an image file becomes this model's input, exactly as its training data did (store/preprocessing.py);
+    applied to the image files of multipart adapt and predict requests."""
+    kind: Literal["image"] = "image"
+    source: str = Field(description="the training data: omniglot or dataset (uploaded)")
+    color: Literal["L"] = Field("L", description="decoded with Pillow and converted to 8-bit grayscale")
+    channels: int = 1
+    decode_size: Optional[int] = Field(description="resized to decode_size^2 right after decoding (Pillow: box "
+                                       "filter when shrinking, bilinear when enlarging); null: not at this stage")
+    invert: bool = Field(description="then 255 - value (dark strokes on a light background become high values)")
+    size: Optional[int] = Field(description="then resized to size^2 (area averaging when shrinking, bilinear when "
+                                "enlarging, rounded to 8 bits); null: images must already have the training size")
+    scale: float = Field(255.0, description="then divided by scale: float32 in [0, 1]")
+    input_shape: list[int]
+    recorded: bool = Field(description="true: recorded when the model was published; false: derived from the "
+                           "config of a model published before preprocessing was recorded")
+
+
 class ModelOut(_Out):
     id: str
     job_id: str
@@ -105,6 +123,9 @@ class ModelOut(_Out):
     sha256: str
     bytes: int
     created_at: UtcDatetime
+    preprocessing: Optional[ImagePreprocessing] = Field(
+        None, description="image models: the input preprocessing, so that image files can be sent as they are "
+        "(multipart adapt and predict); null for other models")
 
 
 class ModelPage(BaseModel):

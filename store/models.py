@@ -118,6 +118,8 @@ class MetaModelRow(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # image models: the input preprocessing of the training data (store/preprocessing.py), recorded at publish
+    preprocessing: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON, nullable=True)
 
 
 class Adapter(Base):

@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     adapt_max_rows: int = Field(10_000, ge=1, description="support rows and query rows, each")
     adapt_max_bytes: int = Field(8 * 1024 * 1024, ge=1, description="request body size of adapt and adapter "
                                  "predict (413 above)")
+    adapt_max_pixels: int = Field(64 * 1024 ** 2, ge=1, description="decoded pixels over the image files of one "
+                                  "multipart adapt or predict request, checked from each image's header before "
+                                  "decoding (422 naming the file that crosses it)")
     job_max_bytes: int = Field(1024 * 1024, ge=1, description="request body size of a job config (413 above)")
     parser_processes: int = Field(1, ge=1, description="processes per API process that decode and validate large "
                                                        "JSON bodies, so the event loop never waits on them")

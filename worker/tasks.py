@@ -260,12 +260,15 @@ def _train(rt: _Runtime, job_id: str, owner: str):
     # safetensors files come back with sorted keys, and core's partition follows dict order: keep the order
     art = rt.store.put_tensors(f"models/{model_id}.safetensors", mm.tensors(),
                                {"job_id": job_id, "order": list(mm.tensors()), "source": source})
+    from store.preprocessing import model_preprocessing
     with rt.db.session() as ses:
         if not Q.finish(ses, job_id, owner, "succeeded", model_id=model_id, step=final_step):
             raise LeaseLost()
+        pre, _ = model_preprocessing(ses, tenant, cfg, mm.input_shape)  # image models: how inputs are made
         ses.add(MetaModelRow(id=model_id, tenant=ses.get(Job, job_id).tenant, job_id=job_id, config=cfg,
                              kind=mm.kind, input_shape=list(mm.input_shape), output_dim=mm.output_dim,
-                             module_map=mm.module_map(), uri=art.uri, sha256=art.sha256, bytes=art.bytes))
+                             module_map=mm.module_map(), uri=art.uri, sha256=art.sha256, bytes=art.bytes,
+                             preprocessing=pre))
     return "succeeded"
 
 
@@ -354,7 +357,7 @@ def _reply(rt: _Runtime, request_id: str, what: str, work) -> None:
         log.warning("%s %s cut at its deadline (%s); no reply", what, request_id, e)
         return
     except ValueError as e:
-        out = {"ok": False, "status": 422, "message": str(e)}
+        out = {"ok": False, "status": 422, "message": str(e), **({"loc": e.loc} if hasattr(e, "loc") else {})}
     except MissingArtifact as e:  # the model's or adapter's file is gone: 410, naming the artifact, not a path
         log.warning("%s %s: %s", what, request_id, e)
         out = {"ok": False, "status": 410, "message": str(e)}
@@ -398,6 +401,8 @@ def adapt(self, request_id: str, model_id: str, payload: dict):
     payload = unpack(payload)
 
     def work():
+        from datasets.images import payload_inputs
+        payload_inputs(payload)  # image files (multipart requests) -> arrays, preprocessed as in training
         mm = _load_model(rt, model_id)
         res = mm.adapt(payload["support"]["x"], payload["support"]["y"], steps=payload["steps"],
                        modules=payload["modules"], on_step=_deadline_check(self.request.expires))
@@ -430,6 +435,8 @@ def adapter_predict(request_id: str, adapter_id: str, payload: dict):
     payload = unpack(payload)
 
     def work():
+        from datasets.images import payload_inputs
+        payload_inputs(payload)  # image files (multipart requests) -> arrays, preprocessed as in training
         with rt.db.session() as ses:
             row = ses.get(Adapter, adapter_id)
             if row is None:

@@ -10,6 +10,7 @@ from ..bodies import read_json
 from ..deps import Session, Tenant, own_adapter
 from ..dispatch import run_adapt
 from ..errors import json_body, unprocessable
+from ..images import PREDICT_FORM, is_multipart, predict_payload, read_form
 from ..validation import as_array, check_inputs
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
@@ -22,11 +23,12 @@ def get_adapter(adapter_id: str, s: Session, t: Tenant):
             "sha256": a.sha256, "created_at": a.created_at}
 
 
-@router.post("/{adapter_id}/predict", response_model=PredictOut, openapi_extra=json_body(PredictRequest))
+@router.post("/{adapter_id}/predict", response_model=PredictOut,
+             openapi_extra=json_body(PredictRequest, PREDICT_FORM))
 async def adapter_predict(adapter_id: str, request: Request, t: Tenant):
+    """A JSON body of arrays, or a multipart form of image files ``x`` (api/images.py) preprocessed as in training."""
     from worker.celery_app import ADAPTER_PREDICT
     app = request.app
-    req = await read_json(request, app.state.settings.adapt_max_bytes, PredictRequest)
 
     def lookup():
         with app.state.db.session() as s:
@@ -34,6 +36,15 @@ async def adapter_predict(adapter_id: str, request: Request, t: Tenant):
             m = s.get(MetaModelRow, a.model_id)
             s.expunge(m)
             return m
+    if is_multipart(request):
+        form = await read_form(request, app.state.settings)
+        try:
+            m = await run_in_threadpool(lookup)
+            payload = await run_in_threadpool(predict_payload, app, m, form)
+        finally:
+            await form.close()
+        return await run_in_threadpool(run_adapt, app, t, adapter_id, payload, ADAPTER_PREDICT)
+    req = await read_json(request, app.state.settings.adapt_max_bytes, PredictRequest)
     m = await run_in_threadpool(lookup)
     if len(req.x) > app.state.settings.adapt_max_rows:
         raise unprocessable(["x"], f"{len(req.x)} rows is above the cap of {app.state.settings.adapt_max_rows} rows")

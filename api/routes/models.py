@@ -9,12 +9,14 @@ from sqlalchemy import select
 
 from schemas.api import AdaptOut, AdaptRequest, ModelOut, ModelPage
 from store.models import MetaModelRow
+from store.preprocessing import of_model
 from store.settings import Settings
 
 from ..bodies import read_json
 from ..deps import Limit, Session, Tenant, artifact_file, own_model, page
 from ..dispatch import run_adapt
 from ..errors import json_body, unprocessable
+from ..images import ADAPT_FORM, adapt_payload, is_multipart, read_form
 from ..validation import as_array, check_inputs, check_targets
 from ..views import model_view
 
@@ -23,12 +25,14 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 @router.get("", response_model=ModelPage)
 def list_models(s: Session, t: Tenant, limit: Limit = 20, cursor: Optional[str] = None):
-    return page(s, select(MetaModelRow).where(MetaModelRow.tenant == t), MetaModelRow, limit, cursor, model_view)
+    return page(s, select(MetaModelRow).where(MetaModelRow.tenant == t), MetaModelRow, limit, cursor,
+                lambda m: model_view(m, of_model(s, m)[0]))
 
 
 @router.get("/{model_id}", response_model=ModelOut)
 def get_model(model_id: str, s: Session, t: Tenant):
-    return model_view(own_model(s, t, model_id))
+    m = own_model(s, t, model_id)
+    return model_view(m, of_model(s, m)[0])
 
 
 @router.get("/{model_id}/file", response_class=FileResponse)
@@ -37,9 +41,19 @@ def model_file(model_id: str, request: Request, s: Session, t: Tenant):
     return artifact_file(request, m.uri, f"model {model_id}", f"{model_id}.safetensors", m.sha256)
 
 
-@router.post("/{model_id}/adapt", response_model=AdaptOut, openapi_extra=json_body(AdaptRequest))
+@router.post("/{model_id}/adapt", response_model=AdaptOut, openapi_extra=json_body(AdaptRequest, ADAPT_FORM))
 async def adapt(model_id: str, request: Request, t: Tenant):
+    """A JSON body of arrays, or a multipart form of image files (api/images.py) preprocessed as in training."""
     app = request.app
+    if is_multipart(request):
+        form = await read_form(request, app.state.settings)
+        try:
+            m = await run_in_threadpool(detached_model, app, t, model_id)
+            payload = await run_in_threadpool(adapt_payload, app, m, form)
+        finally:
+            await form.close()
+        payload.update(tenant=t)
+        return await run_in_threadpool(run_adapt, app, t, model_id, payload)
     req = await read_json(request, app.state.settings.adapt_max_bytes, AdaptRequest)
     m = await run_in_threadpool(detached_model, app, t, model_id)
     payload = validate_adapt(req, m, app.state.settings)
@@ -54,7 +68,8 @@ def detached_model(app, t: str, model_id: str) -> MetaModelRow:
         return m
 
 
-def validate_adapt(req: AdaptRequest, m: MetaModelRow, settings: Settings) -> dict:
+def validate_options(req: AdaptRequest, m: MetaModelRow, settings: Settings) -> None:
+    """``steps`` and ``modules`` of an adapt request (JSON or multipart)."""
     if req.steps > settings.adapt_max_steps:
         raise unprocessable(["steps"], f"{req.steps} is above the cap of {settings.adapt_max_steps} steps")
     names = [r["name"] for r in m.module_map]
@@ -64,6 +79,10 @@ def validate_adapt(req: AdaptRequest, m: MetaModelRow, settings: Settings) -> di
         unknown = [x for x in req.modules if x not in names]
         if unknown:
             raise unprocessable(["modules"], f"unknown modules {unknown}; this model's modules are {names}")
+
+
+def validate_adapt(req: AdaptRequest, m: MetaModelRow, settings: Settings) -> dict:
+    validate_options(req, m, settings)
     cap = settings.adapt_max_rows
     for field, v in (("support.x", req.support.x), ("support.y", req.support.y), ("query.x", req.query.x)):
         if len(v) > cap:
