@@ -1,6 +1,8 @@
 """Array checks for the adapt endpoint: each problem is named (field, row, what is wrong)."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 
 from .errors import unprocessable
@@ -58,3 +60,10 @@ def check_targets(arr: np.ndarray, field: str, kind: str, output_dim: int, rows:
     if arr.shape[0] != rows:
         raise unprocessable(field, f"has {arr.shape[0]} rows but support.x has {rows}")
     return arr
+
+
+def model_shape(m) -> SimpleNamespace:
+    """What the body checks need of a model row (kind, input_shape, output_dim, module_map), as a plain object
+    that a parser process can receive."""
+    return SimpleNamespace(kind=m.kind, input_shape=list(m.input_shape), output_dim=m.output_dim,
+                           module_map=list(m.module_map))

@@ -48,3 +48,23 @@ def test_errors_from_the_parser_process_are_422s_naming_the_field(app, raw, msg)
     with pytest.raises(ApiError) as e:
         run(app, raw)
     assert e.value.status == 422 and msg in e.value.detail and e.value.errors, e.value.detail
+
+
+def test_adapt_body_checked_in_the_parser_process_returns_arrays(app):
+    """The adapt route's JSON path: decoded and checked against the model in the parser process; the arrays
+    come back as numpy arrays (no million-float lists to unpickle in the API process), the caps as 422s."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from api.routes.models import json_adapt_payload
+    m = SimpleNamespace(kind="regression", input_shape=[1], output_dim=1, module_map=[{"name": "fc0.weight"}])
+    rows = [[0.5]] * 30_000
+    raw = json.dumps({"support": {"x": rows, "y": rows}, "query": {"x": [[1.0]]}, "steps": 3}).encode()
+    assert len(raw) > OFF_PROCESS_ABOVE
+    out = asyncio.run(off_loop(app, json_adapt_payload, raw, m, Settings(adapt_max_rows=30_000)))
+    assert isinstance(out["support"]["x"], np.ndarray) and out["support"]["x"].shape == (30_000, 1)
+    assert out["steps"] == 3 and out["save_adapter"] is False
+    with pytest.raises(ApiError) as e:
+        asyncio.run(off_loop(app, json_adapt_payload, raw, m, Settings(adapt_max_rows=10_000)))
+    assert e.value.status == 422 and e.value.errors[0]["loc"] == ["support", "x"]

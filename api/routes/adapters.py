@@ -6,12 +6,12 @@ from fastapi.concurrency import run_in_threadpool
 from schemas.api import PredictOut, PredictRequest
 from store.models import MetaModelRow
 
-from ..bodies import read_json
+from ..bodies import off_loop, parse_json, read_capped
 from ..deps import Session, Tenant, own_adapter
 from ..dispatch import run_adapt
 from ..errors import json_body, unprocessable
 from ..images import PREDICT_FORM, is_multipart, predict_payload, read_form
-from ..validation import as_array, check_inputs
+from ..validation import as_array, check_inputs, model_shape
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 
@@ -44,9 +44,15 @@ async def adapter_predict(adapter_id: str, request: Request, t: Tenant):
         finally:
             await form.close()
         return await run_in_threadpool(run_adapt, app, t, adapter_id, payload, ADAPTER_PREDICT)
-    req = await read_json(request, app.state.settings.adapt_max_bytes, PredictRequest)
+    raw = await read_capped(request, app.state.settings.adapt_max_bytes)
     m = await run_in_threadpool(lookup)
-    if len(req.x) > app.state.settings.adapt_max_rows:
-        raise unprocessable(["x"], f"{len(req.x)} rows is above the cap of {app.state.settings.adapt_max_rows} rows")
-    x = check_inputs(as_array(req.x, "x"), "x", tuple(m.input_shape))
-    return await run_in_threadpool(run_adapt, app, t, adapter_id, {"x": x.tolist()}, ADAPTER_PREDICT)
+    payload = await off_loop(app, json_predict_payload, raw, model_shape(m), app.state.settings.adapt_max_rows)
+    return await run_in_threadpool(run_adapt, app, t, adapter_id, payload, ADAPTER_PREDICT)
+
+
+def json_predict_payload(raw: bytes, m, max_rows: int) -> dict:
+    """A JSON predict body decoded and checked (in a parser process when it is large, ``api.bodies.off_loop``)."""
+    req = parse_json(raw, PredictRequest)
+    if len(req.x) > max_rows:
+        raise unprocessable(["x"], f"{len(req.x)} rows is above the cap of {max_rows} rows")
+    return {"x": check_inputs(as_array(req.x, "x"), "x", tuple(m.input_shape))}

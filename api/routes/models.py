@@ -12,12 +12,12 @@ from store.models import MetaModelRow
 from store.preprocessing import of_model
 from store.settings import Settings
 
-from ..bodies import read_json
+from ..bodies import off_loop, parse_json, read_capped
 from ..deps import Limit, Session, Tenant, artifact_file, own_model, page
 from ..dispatch import run_adapt
 from ..errors import json_body, unprocessable
 from ..images import ADAPT_FORM, adapt_payload, is_multipart, read_form
-from ..validation import as_array, check_inputs, check_targets
+from ..validation import as_array, check_inputs, check_targets, model_shape
 from ..views import model_view
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -54,11 +54,18 @@ async def adapt(model_id: str, request: Request, t: Tenant):
             await form.close()
         payload.update(tenant=t)
         return await run_in_threadpool(run_adapt, app, t, model_id, payload)
-    req = await read_json(request, app.state.settings.adapt_max_bytes, AdaptRequest)
+    raw = await read_capped(request, app.state.settings.adapt_max_bytes)
     m = await run_in_threadpool(detached_model, app, t, model_id)
-    payload = validate_adapt(req, m, app.state.settings)
-    payload.update(save_adapter=req.save_adapter, tenant=t)
+    payload = await off_loop(app, json_adapt_payload, raw, model_shape(m), app.state.settings)
+    payload["tenant"] = t
     return await run_in_threadpool(run_adapt, app, t, model_id, payload)
+
+
+def json_adapt_payload(raw: bytes, m, settings: Settings) -> dict:
+    """A JSON adapt body decoded and checked against the model (in a parser process when it is large,
+    ``api.bodies.off_loop``); the arrays come back as numpy arrays, cheap to pass between processes."""
+    req = parse_json(raw, AdaptRequest)
+    return {**validate_adapt(req, m, settings), "save_adapter": req.save_adapter}
 
 
 def detached_model(app, t: str, model_id: str) -> MetaModelRow:
@@ -92,5 +99,4 @@ def validate_adapt(req: AdaptRequest, m: MetaModelRow, settings: Settings) -> di
     ys = check_targets(as_array(req.support.y, "support.y", integer=cls), "support.y", m.kind, m.output_dim,
                        xs.shape[0])
     xq = check_inputs(as_array(req.query.x, "query.x"), "query.x", tuple(m.input_shape))
-    return {"support": {"x": xs.tolist(), "y": ys.tolist()}, "query": {"x": xq.tolist()}, "steps": req.steps,
-            "modules": req.modules}
+    return {"support": {"x": xs, "y": ys}, "query": {"x": xq}, "steps": req.steps, "modules": req.modules}
