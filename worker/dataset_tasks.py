@@ -28,7 +28,7 @@ from store.models import Dataset
 from store.uploads import UploadError, UploadLimits
 
 from .celery_app import PROCESS_DATASET, app
-from .tasks import runtime
+from .tasks import _public, runtime
 
 log = logging.getLogger("metashrink.worker")
 
@@ -88,7 +88,7 @@ def _process(rt, dataset_id: str, tenant: str, kind: str, raw_uri: str, upload: 
         return _fail(rt, dataset_id, raw_uri, str(e))
     except Exception as e:  # a decoder's own failure, or the soft time limit
         log.exception("dataset %s: processing failed", dataset_id)
-        return _fail(rt, dataset_id, raw_uri, f"{type(e).__name__}: {e}")
+        return _fail(rt, dataset_id, raw_uri, _public(rt, e))
     del data
     art = put_collection(rt.store, f"datasets/{tenant}/{dataset_id}-{uuid.uuid4().hex[:6]}.safetensors", coll)
     summary = coll.summary()
