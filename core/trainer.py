@@ -70,9 +70,13 @@ class MetaTrainer:
     >>> model = trainer.meta_model()     # core.MetaModel: adapt / predict / module_map
     """
 
-    def __init__(self, config: dict, device: str | torch.device | None = None):
+    def __init__(self, config: dict, device: str | torch.device | None = None, comm=None):
         self.config = config
         ex = config["execution"]
+        # a core.distributed.Comm: this trainer is one rank of a multi-rank job (execution.world_size > 1)
+        self.comm = comm
+        if comm is not None and device is None:
+            device = comm.device
         self.device = resolve_device(device or ex["device"]) if not isinstance(device, torch.device) else device
         self.dtype = getattr(torch, ex["dtype"])
         self.seed = int(config["seed"])
@@ -170,7 +174,9 @@ class MetaTrainer:
     def step(self) -> dict:
         """One meta-step. Returns its metrics as floats."""
         batch = self._with_noise(self.sample())
-        if self.vectorize == "auto":
+        if self.comm is not None:
+            metrics = self._step_ranks(batch)
+        elif self.vectorize == "auto":
             delta, metrics = self.reduce(*self._choose_vectorization(batch))
             self.apply(delta)
         elif self.config["execution"]["compile"]:
@@ -187,6 +193,28 @@ class MetaTrainer:
             s2 = self.sigma2()
             out["sigma2_max"], out["sigma2_min"] = float(s2.max()), float(s2.min())
         return out
+
+    def _step_ranks(self, batch):
+        """One rank's part of a multi-rank meta-step (see core.distributed): the whole meta-batch was drawn
+        (every rank's generator stays in the world-size-1 job's state); this rank adapts its share, the finite
+        tasks' sums and counts are all-reduced, and the outer update runs on every rank on the same numbers.
+        With execution.compile only the per-task function is compiled (the collective stays eager)."""
+        from .distributed import STEP, shard
+        comm = self.comm
+        if comm.rank == 0:
+            comm.command(STEP)
+        part = tuple(t[shard(batch[0].shape[0], comm.rank, comm.world_size)] for t in batch)
+        if self.vectorize == "auto":
+            out = self._choose_vectorization(part)
+            mode = comm.broadcast_object(self.vectorize)  # every rank runs rank 0's choice
+            if mode != self.vectorize:
+                self.vectorize = mode
+                out = self.task_updates(part)
+        else:
+            out = self.task_updates(part)
+        delta, metrics = clip_delta(*comm.reduce_tasks(*out), self.config["outer"].get("clip_grad_norm"))
+        self.apply(delta)
+        return metrics
 
     def _fused(self, mode: str):
         key = ("fused", mode)

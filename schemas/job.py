@@ -401,6 +401,22 @@ class Execution(Strict):
     compile: bool = Field(False, description="torch.compile the per-meta-step function")
     dtype: Literal["float32", "float64"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    world_size: int = Field(
+        1, ge=1, le=1024, description="ranks (processes) that train this one job with torch.distributed: the worker "
+        "that claims it launches them (gloo on CPU, NCCL on GPUs, one GPU per rank); each rank adapts a disjoint "
+        "share of the same meta-batch a world_size 1 job draws for the seed, and the finite tasks' update sums and "
+        "counts are all-reduced, so the result equals world_size 1 up to float reduction order. At most "
+        "outer.meta_batch, and at most the workers' METASHRINK_MAX_WORLD_SIZE per node (422 above it)")
+    nodes: int = Field(
+        1, ge=1, le=1024, description="machines the world_size ranks are spread over (world_size / nodes each); more "
+        "than 1 only where the deployment allows it (METASHRINK_MAX_NODES, default 1: 422 above it)")
+
+    @model_validator(mode="after")
+    def _ranks(self):
+        if self.world_size % self.nodes:
+            raise ValueError(f"execution.world_size ({self.world_size}) must be a multiple of execution.nodes "
+                             f"({self.nodes}): every node runs world_size / nodes ranks")
+        return self
 
 
 class Run(Strict):
@@ -480,4 +496,7 @@ class JobConfig(Strict):
         if arch == "conv4" and fam not in IMAGE_FAMILIES:
             raise ValueError(f"model.arch 'conv4' needs an image task family ({', '.join(IMAGE_FAMILIES)}); "
                              f"'{fam}' is not one")
+        if self.execution.world_size > self.outer.meta_batch:
+            raise ValueError(f"execution.world_size ({self.execution.world_size}) exceeds outer.meta_batch "
+                             f"({self.outer.meta_batch}): every rank adapts at least one task of the meta-batch")
         return self

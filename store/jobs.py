@@ -42,6 +42,31 @@ def heartbeat(session, job_id: str, owner: str, lease_seconds: float, step: int,
     return True, bool(cancel)
 
 
+def renew(session, job_id: str, owner: str, lease_seconds: float) -> bool:
+    """Extend the lease only (no progress written): a multi-rank job's launcher keeps it while its ranks start,
+    until rank 0's own heartbeats take over. False = no longer ours."""
+    now = utcnow()
+    res = session.execute(
+        update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.status == "running")
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+        .execution_options(synchronize_session=False))
+    return res.rowcount == 1
+
+
+def owns(session, job_id: str, owner: str) -> bool:
+    return session.scalar(select(Job.id).where(Job.id == job_id, Job.lease_owner == owner,
+                                               Job.status == "running")) is not None
+
+
+def abandon(session, job_id: str, owner: str) -> None:
+    """This attempt failed without a verdict on the job (a rank of a multi-rank job died): the lease expires now,
+    the attempt stays counted, and the reconciler's next sweep re-queues the job (which resumes from its latest
+    checkpoint) or fails it once ``max_attempts`` consecutive attempts made no progress, as for a lost worker."""
+    session.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.status == "running")
+                    .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+                    .execution_options(synchronize_session=False))
+
+
 def made_progress(session, job_id: str, owner: str):
     """A checkpoint was recorded: this attempt is the first of a new run of attempts, so crashes that made
     progress never exhaust ``max_attempts``; only consecutive attempts that checkpoint nothing do."""

@@ -20,6 +20,11 @@ class Settings(BaseSettings):
 
     lease_seconds: float = Field(60.0, gt=0, description="a running job's lease; the heartbeat renews it")
     max_attempts: int = Field(3, ge=1, description="claims per job before it fails")
+    max_world_size: int = Field(8, ge=1, description="ranks one train worker launches for one job "
+                                "(execution.world_size / execution.nodes); a job asking for more is refused (422)")
+    max_nodes: int = Field(1, ge=1, description="execution.nodes a job may ask for (422 above); 1: single-node only")
+    dist_timeout: float = Field(600.0, gt=0, description="seconds a rank of a multi-rank job waits at the rendezvous "
+                                "or in one collective before its attempt fails")
     reconcile_interval: float = Field(10.0, gt=0)
     requeue_queued_after: float = Field(300.0, gt=0, description="re-send a queued job's message after this long")
 

@@ -147,7 +147,9 @@ def run_job(job_id: str):
         return "failed"
 
 
-def _train(rt: _Runtime, job_id: str, owner: str):
+def _train(rt: _Runtime, job_id: str, owner: str, comm=None):
+    """Train the job; with ``comm`` as rank 0 of a multi-rank job (worker/ranks.py), which this launches when
+    the config asks for execution.world_size > 1."""
     from core import MetaTrainer
 
     s = rt.settings
@@ -156,8 +158,11 @@ def _train(rt: _Runtime, job_id: str, owner: str):
         cfg, tenant = job.config, job.tenant
         ck = Q.latest_checkpoint(ses, job_id)
         ck = (ck.uri, ck.sha256, ck.step) if ck else None
+    if comm is None and int(cfg["execution"].get("world_size") or 1) > 1:
+        from .ranks import supervise
+        return supervise(rt, job_id, owner, cfg, tenant)
     use_datasets(rt, tenant, cfg["tasks"])
-    trainer = MetaTrainer(cfg)
+    trainer = MetaTrainer(cfg, comm=comm)
     if ck is not None:
         tensors, meta = rt.store.get_tensors(ck[0], sha256=ck[1])
         trainer.load_state_dict(tensors, meta)
@@ -175,6 +180,8 @@ def _train(rt: _Runtime, job_id: str, owner: str):
             ses.execute(update(Job).where(Job.id == job_id, Job.lease_owner == owner)
                         .values(best_checkpoint_id=val.best_checkpoint_id)
                         .execution_options(synchronize_session=False))
+    if comm is not None:  # the other ranks take this (fresh or resumed) state before the first step
+        comm.sync_state(trainer)
     if cancel:
         with rt.db.session() as ses:
             Q.finish(ses, job_id, owner, "canceled")

@@ -34,6 +34,7 @@ async def create_job(request: Request, t: Tenant,
 
 def _create_job(app, t: str, cfg: dict, idem: Optional[str]):
     check_validation_split(cfg)
+    check_world_size(cfg, app.state.settings)
     with app.state.db.session() as s:
         check_datasets(s, t, cfg["tasks"])
         if idem:
@@ -68,6 +69,21 @@ def check_datasets(s, t: str, tasks: dict):
             why = "wait until it is ready (GET /v1/datasets/{id})" if d.status == "processing" else \
                 f"it failed: {d.error}"
             raise unprocessable(["tasks", "dataset_id"], f"dataset {did} is {d.status}, not ready; {why}")
+
+
+def check_world_size(cfg: dict, settings) -> None:
+    """422 when a multi-rank job asks for more ranks per node (execution.world_size / nodes) than a worker may
+    launch (METASHRINK_MAX_WORLD_SIZE) or for more nodes than the deployment allows (METASHRINK_MAX_NODES). The
+    devices of a worker's machine are checked by the worker that claims the job (the job fails naming them)."""
+    ex = cfg["execution"]
+    world, nodes = int(ex.get("world_size") or 1), int(ex.get("nodes") or 1)
+    if nodes > settings.max_nodes:
+        raise unprocessable(["execution", "nodes"], f"{nodes} nodes requested; this deployment runs a job on at "
+                                                    f"most {settings.max_nodes} (METASHRINK_MAX_NODES)")
+    if world // nodes > settings.max_world_size:
+        raise unprocessable(["execution", "world_size"],
+                            f"{world // nodes} ranks per node requested; a worker launches at most "
+                            f"{settings.max_world_size} for one job (METASHRINK_MAX_WORLD_SIZE)")
 
 
 def check_validation_split(cfg: dict) -> None:
