@@ -408,8 +408,10 @@ class Execution(Strict):
         "counts are all-reduced, so the result equals world_size 1 up to float reduction order. At most "
         "outer.meta_batch, and at most the workers' METASHRINK_MAX_WORLD_SIZE per node (422 above it)")
     nodes: int = Field(
-        1, ge=1, le=1024, description="machines the world_size ranks are spread over (world_size / nodes each); more "
-        "than 1 only where the deployment allows it (METASHRINK_MAX_NODES, default 1: 422 above it)")
+        1, ge=1, le=1024, description="machines the world_size ranks are spread over (world_size / nodes each): the "
+        "claiming worker is node 0 and hosts the rendezvous, join workers (queue 'join') on other machines start "
+        "the other nodes' ranks. More than 1 only where the deployment allows it (METASHRINK_MAX_NODES, default 1: "
+        "422 above it)")
 
     @model_validator(mode="after")
     def _ranks(self):

@@ -1,6 +1,7 @@
 """Service settings (environment variables with the METASHRINK_ prefix). Defaults are the embedded ones."""
 from __future__ import annotations
 
+import socket
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
@@ -22,7 +23,14 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1, description="claims per job before it fails")
     max_world_size: int = Field(8, ge=1, description="ranks one train worker launches for one job "
                                 "(execution.world_size / execution.nodes); a job asking for more is refused (422)")
-    max_nodes: int = Field(1, ge=1, description="execution.nodes a job may ask for (422 above); 1: single-node only")
+    max_nodes: int = Field(1, ge=1, description="execution.nodes a job may ask for (422 above); 1: single-node only. "
+                           "More needs a join worker (-Q join) on every machine that may host a node")
+    node_name: str = Field(default_factory=socket.gethostname, description="this machine's name among a multi-node "
+                           "job's nodes (one node per name per job)")
+    rendezvous_host: Optional[str] = Field(None, description="the address other machines reach this worker at, for "
+                                           "the multi-node jobs it claims (default: the host name)")
+    join_timeout: float = Field(120.0, gt=0, description="seconds a multi-node job's claiming worker waits for the "
+                                "other nodes to join before the attempt fails")
     dist_timeout: float = Field(600.0, gt=0, description="seconds a rank of a multi-rank job waits at the rendezvous "
                                 "or in one collective before its attempt fails")
     reconcile_interval: float = Field(10.0, gt=0)

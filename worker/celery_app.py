@@ -30,11 +30,16 @@ ADAPT = "worker.tasks.adapt"
 RUN_EVALUATION = "worker.tasks.run_evaluation"
 ADAPTER_PREDICT = "worker.tasks.adapter_predict"
 PROCESS_DATASET = "worker.dataset_tasks.process_dataset"
+# multi-node jobs (worker/ranks.py): the claiming train worker asks the other machines' join workers for their
+# ranks on this queue. Not in QUEUES: a deployment without multi-node jobs runs no join worker and is still ready
+JOIN_QUEUE = "join"
+JOIN_JOB = "worker.ranks.join_job"
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or Settings()
-    app = Celery("metashrink", broker=settings.broker(), include=["worker.tasks", "worker.dataset_tasks"])
+    app = Celery("metashrink", broker=settings.broker(), include=["worker.tasks", "worker.dataset_tasks",
+                                                                  "worker.ranks"])
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -44,11 +49,11 @@ def make_celery(settings: Settings | None = None) -> Celery:
         result_serializer="json",
         task_ignore_result=True,
         result_backend=None,
-        task_queues=[Queue(q) for q in QUEUES],
+        task_queues=[Queue(q) for q in QUEUES + (JOIN_QUEUE,)],
         task_default_queue=TRAIN_QUEUE,
         task_routes={RUN_JOB: {"queue": TRAIN_QUEUE}, ADAPT: {"queue": ADAPT_QUEUE},
                      RUN_EVALUATION: {"queue": TRAIN_QUEUE}, ADAPTER_PREDICT: {"queue": ADAPT_QUEUE},
-                     PROCESS_DATASET: {"queue": DATASETS_QUEUE}},
+                     PROCESS_DATASET: {"queue": DATASETS_QUEUE}, JOIN_JOB: {"queue": JOIN_QUEUE}},
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": 3600},
         worker_hijack_root_logger=False,

@@ -37,10 +37,11 @@ def model(service, model_id) -> dict:
     return st_load(r.content)
 
 
-def rank_processes(service) -> dict:
-    """rank -> psutil.Process of the ranks the train worker has launched (``python -m worker.ranks SPEC RANK``)."""
+def rank_processes(service, queue="train") -> dict:
+    """rank -> psutil.Process of the ranks the train (or join) workers have launched (``python -m worker.ranks SPEC
+    RANK``)."""
     out = {}
-    for name in service.worker_names("train"):
+    for name in service.worker_names(queue):
         for p in psutil.Process(service.workers[name].pid).children(recursive=True):
             try:
                 cmd = p.cmdline()
@@ -119,19 +120,83 @@ def test_a_killed_rank_fails_the_attempt_and_the_job_resumes(service, pair, vict
 
 def test_world_size_above_the_worker_limit_is_422(service):
     settings = service.app.state.settings
-    old = settings.max_world_size
-    settings.max_world_size = 2
+    old = settings.max_world_size, settings.max_nodes
+    settings.max_world_size, settings.max_nodes = 2, 1
     try:
         r = service.client.post("/v1/jobs", json=config(3), headers=service.h())
+        cfg = config(2)
+        cfg["execution"]["nodes"] = 2
+        r_nodes = service.client.post("/v1/jobs", json=cfg, headers=service.h())
     finally:
-        settings.max_world_size = old
+        settings.max_world_size, settings.max_nodes = old
     assert r.status_code == 422, r.text
     assert r.json()["errors"][0]["loc"] == ["execution", "world_size"], r.json()
     assert "METASHRINK_MAX_WORLD_SIZE" in r.json()["detail"]
     cfg = config(12)  # more ranks than tasks in the meta-batch (10)
     r = service.client.post("/v1/jobs", json=cfg, headers=service.h())
     assert r.status_code == 422 and "meta_batch" in r.text, r.text
+    assert r_nodes.status_code == 422 and r_nodes.json()["errors"][0]["loc"] == ["execution", "nodes"], r_nodes.text
+    assert "METASHRINK_MAX_NODES" in r_nodes.json()["detail"]
+    cfg = config(3)
+    cfg["execution"]["nodes"] = 2  # 3 ranks cannot be split evenly over 2 nodes
+    r = service.client.post("/v1/jobs", json=cfg, headers=service.h())
+    assert r.status_code == 422 and "multiple of execution.nodes" in r.text, r.text
+
+
+# --------------------------------------------------------------------------- two nodes
+@pytest.fixture(scope="module")
+def second_node(service):
+    """A join worker that names its machine "node-b": a second node on this machine (its ranks reach node 0's
+    over the host name and TCP, as another machine's would), and the API allowing 2 nodes."""
+    import uuid
+
+    from worker.launch import start_worker
+    name = f"join-{uuid.uuid4().hex[:4]}"
+    service.workers[name] = start_worker("join", name, env={**service.env, "METASHRINK_NODE_NAME": "node-b"},
+                                         log_path=service.logdir / "worker-join.log")
+    settings = service.app.state.settings
+    old, settings.max_nodes = settings.max_nodes, 2
+    try:
+        yield name
+    finally:
+        settings.max_nodes = old
+        if name in service.workers:
+            service.kill_worker(name)
+
+
+def two_nodes():
     cfg = config(2)
     cfg["execution"]["nodes"] = 2
-    r = service.client.post("/v1/jobs", json=cfg, headers=service.h())
-    assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["execution", "nodes"], r.text
+    return cfg
+
+
+def test_two_nodes_give_the_one_node_model(service, pair, second_node):
+    """world_size 2 over 2 nodes (rank 0 on the claiming train worker's node, rank 1 started by node-b's join
+    worker): the same shares and the same reduction as on one node, so the same model bit for bit."""
+    _, j2 = pair
+    jid = service.submit(two_nodes())
+    j = service.wait(jid, timeout=600)
+    assert j["status"] == "succeeded", j
+    a, b = model(service, j["model_id"]), model(service, j2["model_id"])
+    for k in b:
+        assert torch.equal(a[k], b[k]), k
+    assert f"job {jid}: node 1 (node-b): ranks 1..1 started" in (service.logdir / "worker-join.log").read_text()
+
+
+def test_a_killed_rank_on_the_other_node_fails_the_attempt_and_the_job_resumes(service, pair, second_node):
+    _, j2 = pair
+    jid = service.submit(two_nodes())
+    j = service.wait(jid, pred=lambda j: j["status"] != "queued" and (
+        j["status"] != "running" or j["progress"]["step"] >= 12), timeout=300)
+    assert j["status"] == "running", f"the job ended before the kill: {j}"
+    remote = rank_processes(service, "join")
+    assert sorted(remote) == [1], remote
+    remote[1].send_signal(signal.SIGKILL)
+    j = service.wait(jid, timeout=600)
+    assert j["status"] == "succeeded", j
+    log = (service.logdir / "worker-train.log").read_text()
+    assert f"job {jid}: a rank was lost" in log
+    assert f"job {jid}: resumed from checkpoint at step" in log
+    a, b = model(service, j["model_id"]), model(service, j2["model_id"])
+    for k in b:
+        assert torch.equal(a[k], b[k]), k
