@@ -23,7 +23,6 @@ import concurrent.futures as cf
 import os
 import platform
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -34,9 +33,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from benchmarks.serve_harness import ROOT, Serve, job_config
+from benchmarks.serve_harness import ROOT, Serve, job_config, write_section
 
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SMALL = {"support": {"x": [[0.0], [1.0], [2.0]], "y": [[0.0], [0.8], [0.9]]}, "query": {"x": [[0.5]]}, "steps": 5}
 
 
@@ -199,15 +197,7 @@ def main(argv=None):
                  f"tenant's small adapts: p50/p95 {fl['during'][0]:.0f}/{fl['during'][1]:.0f} ms over {fl['n']} "
                  f"requests, codes {fl['codes']} (without the flood {fl['base'][0]:.0f}/{fl['base'][1]:.0f} ms); "
                  f"the flood's codes {fl['flood_codes']} |")
-    section = "\n".join(lines) + "\n"
-    text = RESULTS.read_text()
-    if "## Chaos (embedded default)" in text:
-        text = re.sub(r"## Chaos \(embedded default\)\n.*?(?=\n## |\Z)", section.rstrip("\n") + "\n", text,
-                      flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text)
-    print(section)
+    print(write_section(lines))
 
 
 if __name__ == "__main__":

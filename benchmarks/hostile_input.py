@@ -18,7 +18,6 @@ import concurrent.futures as cf
 import io
 import os
 import platform
-import re
 import subprocess
 import tempfile
 import threading
@@ -30,9 +29,8 @@ import httpx
 import numpy as np
 import psutil
 
-from benchmarks.serve_harness import ROOT, Serve
+from benchmarks.serve_harness import ROOT, Serve, write_section
 
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 # where datasets.omniglot looks (not imported: it would import torch here)
 OMNIGLOT = Path(os.environ.get("METASHRINK_OMNIGLOT_DIR") or ROOT.parent / "shared" / "data" / "omniglot")
 
@@ -155,15 +153,7 @@ def main():
              f"| `/healthz` p50/p95, idle | {alone[0]:.1f} / {alone[1]:.1f} ms |",
              f"| `/healthz` p50/p95 while 4 clients send 6 MB adapt bodies | {loaded[0]:.1f} / {loaded[1]:.1f} ms "
              f"(their codes: { {c: codes.count(c) for c in sorted(set(codes))} }) |"]
-    section = "\n".join(lines) + "\n"
-    text = RESULTS.read_text()
-    if "## Hostile input (embedded default)" in text:
-        text = re.sub(r"## Hostile input \(embedded default\)\n.*?(?=\n## |\Z)", section.rstrip("\n") + "\n", text,
-                      flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text)
-    print(section)
+    print(write_section(lines))
 
 
 if __name__ == "__main__":
