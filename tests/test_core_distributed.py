@@ -171,3 +171,12 @@ def test_multi_rank_resume_is_bit_exact(tmp_path):
     assert full.keys() == resumed.keys()
     for k in full:
         assert torch.equal(full[k], resumed[k]), k
+
+
+def test_vectorize_auto_takes_rank_0s_choice(tmp_path):
+    """execution.vectorize 'auto' times vmap and the loop on every rank; all ranks then run rank 0's choice (the
+    ranks stay bit-identical, which run_ranks checks) and rank 0's checkpoint records it."""
+    cfg = config("maml", steps=3)
+    cfg["execution"]["vectorize"] = "auto"
+    _, _, (_, meta) = run_ranks(tmp_path, cfg, 2)
+    assert meta["vectorize"] in ("vmap", "loop") and meta["step"] == 3
