@@ -6,10 +6,11 @@ from datetime import datetime
 from typing import Annotated, Optional
 
 from fastapi import Depends, Header, Query, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 from sqlalchemy import and_, or_, select
 
-from store.artifacts import MissingArtifact
+from store.artifacts import ArtifactError, MissingArtifact
 from store.keys import key_for
 from store.models import Adapter, Dataset, Job, MetaModelRow
 
@@ -77,15 +78,31 @@ def own_adapter(s, t: str, adapter_id: str) -> Adapter:
     return _own(s, t, Adapter, adapter_id, "adapter")
 
 
-def artifact_file(request: Request, uri: str, what: str, filename: str, sha256: str) -> FileResponse:
-    """The artifact's file as a download, or 410 when the row's file is gone from the store (the message names
-    the resource, never a server path)."""
+def artifact_file(request: Request, uri: str, what: str, filename: str, sha256: str) -> StreamingResponse:
+    """The artifact as a download streamed from the store (a local file, or an S3 object fetched by this API
+    process, whatever its data directory), verified against the recorded sha256 before the first byte is sent;
+    410 when the row's file is gone from the store, 500 when it no longer matches (the messages name the
+    resource, never a server path)."""
     try:
-        path = request.app.state.store.existing(uri)
+        f = request.app.state.store.open(uri, sha256=sha256)
     except MissingArtifact:
         raise ApiError(410, f"{what}: its file is missing from the artifact store") from None
-    return FileResponse(path, media_type="application/octet-stream", filename=filename,
-                        headers={"X-Checksum-Sha256": sha256})
+    except ArtifactError:
+        raise ApiError(500, f"{what}: its file in the artifact store does not match its recorded sha256") from None
+    f.seek(0, 2)
+    size = f.tell()
+    f.seek(0)
+
+    def chunks():
+        try:
+            while chunk := f.read(1 << 20):
+                yield chunk
+        finally:
+            f.close()
+
+    return StreamingResponse(chunks(), media_type="application/octet-stream", background=BackgroundTask(f.close),
+                             headers={"Content-Length": str(size), "X-Checksum-Sha256": sha256,
+                                      "Content-Disposition": f'attachment; filename="{filename}"'})
 
 
 # --------------------------------------------------------------------------- cursor pagination

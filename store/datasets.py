@@ -12,7 +12,7 @@ import json
 
 import numpy as np
 
-from .artifacts import ArtifactError, StoredArtifact, sha256_file
+from .artifacts import ArtifactError, StoredArtifact
 
 
 def _jsonable(v):
@@ -45,18 +45,11 @@ def put_collection(store, key: str, coll) -> StoredArtifact:
 
 
 def get_collection(store, uri: str, sha256: str | None = None):
-    """The ImageCollection / RegressionCollection stored at ``uri`` (sha256 checked when given)."""
-    from safetensors import safe_open
-    from safetensors.numpy import load_file
-
+    """The ImageCollection / RegressionCollection stored at ``uri`` (sha256 checked when given; MissingArtifact,
+    with no server path in it, when the file is gone), read through the store: a local file or an S3 object."""
     from datasets.upload import ImageCollection, RegressionCollection
 
-    p = store.existing(uri)  # MissingArtifact (no server path in it) when the file is gone
-    if sha256 is not None and sha256_file(p) != sha256:
-        raise ArtifactError(f"dataset artifact {uri} does not match its recorded sha256")
-    with safe_open(str(p), framework="np") as f:
-        meta = json.loads((f.metadata() or {}).get("metashrink", "{}"))
-    arrays = load_file(str(p))
+    arrays, meta = store.load_safetensors(uri, sha256, "np")
     bounds = np.concatenate([[0], np.cumsum(arrays["counts"])]).astype(np.int64)
     parts = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
     if meta.get("kind") == "image_classes":

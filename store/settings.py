@@ -4,9 +4,9 @@ from __future__ import annotations
 import socket
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -16,6 +16,23 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path(".metashrink"), description="embedded default: SQLite file, artifacts, Redis files, logs")
     database_url: Optional[str] = Field(None, description="default: sqlite:///<data_dir>/metashrink.db (WAL mode)")
     artifacts_dir: Optional[Path] = Field(None, description="default: <data_dir>/artifacts")
+    # artifact storage (store/artifacts.py): the local directory, or objects on an S3-compatible server
+    artifacts_url: Optional[str] = Field(None, description="where checkpoints, models, adapters and datasets are "
+                                         "stored: a local directory (a path or file:// url; default: artifacts_dir) "
+                                         "or s3://bucket[/prefix] on an S3-compatible server (the s3_* settings)")
+    s3_endpoint_url: Optional[str] = Field(None, description="the S3-compatible server, e.g. http://minio:9000; "
+                                           "default: AWS S3")
+    s3_region: Optional[str] = Field(None, description="default: boto3's (AWS_DEFAULT_REGION, ~/.aws/config)")
+    s3_access_key_id: Optional[str] = Field(None, description="default: boto3's credential chain "
+                                            "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, ~/.aws, an instance role)")
+    s3_secret_access_key: Optional[SecretStr] = Field(None, description="with s3_access_key_id")
+    s3_session_token: Optional[SecretStr] = Field(None, description="temporary credentials' token, if any")
+    s3_addressing_style: Optional[Literal["auto", "path", "virtual"]] = Field(
+        None, description="bucket in the path or in the host name; default: path with s3_endpoint_url, else auto")
+    s3_multipart_threshold: int = Field(8 * 1024 ** 2, ge=1, description="bytes from which an object is uploaded "
+                                        "(and downloaded) in parts")
+    s3_multipart_chunksize: int = Field(8 * 1024 ** 2, ge=5 * 1024 ** 2, description="bytes of one part (S3's "
+                                        "minimum is 5 MiB)")
     broker_url: Optional[str] = Field(None, description="default: the embedded Redis socket under data_dir")
     result_backend: Optional[str] = Field(None, description="default: same as broker_url")
 
@@ -74,6 +91,15 @@ class Settings(BaseSettings):
     reap_local_leases: bool = Field(False, description="re-queue at the next sweep a job whose lease holder is a "
                                     "dead process of this host, not when its lease expires; only for one host's "
                                     "process tree (``metashrink serve`` sets it)")
+
+    @field_validator("artifacts_url")
+    @classmethod
+    def _artifacts_url(cls, v):
+        if v and "://" in v and not v.startswith(("s3://", "file://")):
+            raise ValueError("artifacts_url: a local directory, file:///path or s3://bucket[/prefix]")
+        if v and v.startswith("s3://") and not v[len("s3://"):].split("/")[0]:
+            raise ValueError("artifacts_url: s3:// needs a bucket (s3://bucket[/prefix])")
+        return v or None
 
     @model_validator(mode="after")
     def _fill(self):

@@ -10,3 +10,16 @@ import torch  # noqa: E402
 # One intra-op thread: the suite shares 2 cores with the Celery worker processes it starts, and oversubscribed
 # BLAS/OpenMP threads were measured ~10x slower than one thread on this machine.
 torch.set_num_threads(1)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A local S3-protocol server (moto's server mode, tests/s3_helpers.py) for the S3 artifact store's tests."""
+    from tests.s3_helpers import MotoServer
+    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
+    try:
+        yield server
+    finally:
+        server.close()

