@@ -88,7 +88,9 @@ class MetaModel:
         self.algorithm = config["algorithm"]["name"]
         self.device = torch.device(device) if device is not None else next(iter(phi.values())).device
         self.family = build_family(config["tasks"], int(config.get("seed", 0)))
-        self.model = build_model(config["model"], self.family).to(self.device)
+        # execution.amp: meta-test runs the forward the meta-model was trained with (bf16 convolutions)
+        amp = bool(config.get("execution", {}).get("amp", False))
+        self.model = build_model(config["model"], self.family, amp=amp).to(self.device)
         # the model's own parameter order (a safetensors file hands keys back sorted): the partition's module
         # order, and so the meaning of log_sigma2[m], follows it
         order = [k for k, _ in self.model.named_parameters()]

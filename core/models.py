@@ -47,14 +47,18 @@ class Conv4(nn.Module):
 
     ``strided``: stride-2 convolutions, no pooling (few-shot Omniglot of Finn et al., paper App. E.4.1).
     ``maxpool``: stride-1 convolutions followed by 2x2 max-pooling (many-shot Omniglot, App. E.1).
+    ``amp`` (``execution.amp``): the convolutions run under bfloat16 autocast on the input's device; batch-norm,
+    ReLU, pooling and the head stay in the input's dtype (normalisation in bf16 loses the batch statistics'
+    precision, and ``vmap`` of ``grad`` fails on a bf16 batch-norm with float32 affine parameters).
     """
 
     def __init__(self, in_shape, out_dim: int, channels: int = 64, variant: str = "strided",
-                 channels_last: bool = False):
+                 channels_last: bool = False, amp: bool = False):
         super().__init__()
         c_in = in_shape[0]
         self.variant = variant
         self.channels_last = channels_last
+        self.amp = amp
         stride = 2 if variant == "strided" else 1
         for i in range(4):
             self.add_module(f"conv{i}", nn.Conv2d(c_in if i == 0 else channels, channels, 3, stride, 1))
@@ -70,8 +74,14 @@ class Conv4(nn.Module):
             # is_contiguous inside of vmap"); vmapped convolutions are grouped and keep their own layout
             x = x.contiguous(memory_format=torch.channels_last)
         stride = 2 if self.variant == "strided" else 1
+        dtype = x.dtype
         for i in range(4):
-            x = F.conv2d(x, p[f"conv{i}.weight"], p[f"conv{i}.bias"], stride, 1)
+            if self.amp:
+                with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                    x = F.conv2d(x, p[f"conv{i}.weight"], None, stride, 1)
+                x = x.to(dtype) + p[f"conv{i}.bias"].view(-1, 1, 1)
+            else:
+                x = F.conv2d(x, p[f"conv{i}.weight"], p[f"conv{i}.bias"], stride, 1)
             # batch statistics, no running statistics (transductive, as MAML)
             x = F.relu(F.batch_norm(x, None, None, p[f"bn{i}.weight"], p[f"bn{i}.bias"], True, 0.0, 1e-5))
             if self.variant == "maxpool" and x.shape[-1] >= 2:
@@ -115,12 +125,14 @@ def apply(model: nn.Module, params: dict, x):
     return fn(params, x) if fn is not None else functional_call(model, params, (x,))
 
 
-def build_model(cfg: dict, family) -> nn.Module:
+def build_model(cfg: dict, family, amp: bool = False) -> nn.Module:
+    """``amp`` (``execution.amp``) applies to conv archs only (the schema refuses it elsewhere)."""
     arch = cfg["arch"]
     if arch == "mlp":
         return MLP(math.prod(family.input_shape), family.output_dim, cfg["hidden"], cfg["activation"])
     if arch == "conv4":
-        return Conv4(family.input_shape, family.output_dim, cfg["channels"], cfg["variant"], cfg["channels_last"])
+        return Conv4(family.input_shape, family.output_dim, cfg["channels"], cfg["variant"], cfg["channels_last"],
+                     amp=amp)
     if arch == "identity":
         return Identity(family.param_dim, family.transform)
     raise ValueError(f"unknown model arch {arch!r}")

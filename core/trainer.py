@@ -82,7 +82,7 @@ class MetaTrainer:
         self.seed = int(config["seed"])
         self.generator = torch.Generator().manual_seed(self.seed)
         self.family = build_family(config["tasks"], self.seed)
-        self.model = build_model(config["model"], self.family).to(self.device)
+        self.model = build_model(config["model"], self.family, amp=ex.get("amp", False)).to(self.device)
         phi = {k: v.to(self.device) for k, v in init_params(self.model, self.generator, self.dtype).items()}
         mods = config["modules"]
         self.partition = build_partition(phi, mods["partition"], mods.get("groups"))

@@ -401,6 +401,11 @@ class Execution(Strict):
     compile: bool = Field(False, description="torch.compile the per-meta-step function")
     dtype: Literal["float32", "float64"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = Field(
+        False, description="mixed precision for conv nets (model.arch conv4, dtype float32): the convolutions run "
+        "under bfloat16 autocast on the job's device, in training and in every adapt of the published model; "
+        "batch-norm, the head, the losses, the inner and outer updates and the stored parameters stay float32. "
+        "Off by default; a speed option for GPUs with bf16 tensor cores (on CPUs it is usually slower)")
     world_size: int = Field(
         1, ge=1, le=1024, description="ranks (processes) that train this one job with torch.distributed: the worker "
         "that claims it launches them (gloo on CPU, NCCL on GPUs, one GPU per rank); each rank adapts a disjoint "
@@ -498,6 +503,9 @@ class JobConfig(Strict):
         if arch == "conv4" and fam not in IMAGE_FAMILIES:
             raise ValueError(f"model.arch 'conv4' needs an image task family ({', '.join(IMAGE_FAMILIES)}); "
                              f"'{fam}' is not one")
+        if self.execution.amp and (arch != "conv4" or self.execution.dtype != "float32"):
+            raise ValueError("execution.amp (bfloat16 convolutions) needs model.arch 'conv4' and execution.dtype "
+                             "'float32'")
         if self.execution.world_size > self.outer.meta_batch:
             raise ValueError(f"execution.world_size ({self.execution.world_size}) exceeds outer.meta_batch "
                              f"({self.outer.meta_batch}): every rank adapts at least one task of the meta-batch")

@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     adapt_tenant_concurrency: int = Field(4, ge=1, description="adapt requests one tenant may have in flight "
                                           "(across API processes); more answer 429 with Retry-After")
     adapt_concurrency: int = Field(1, ge=1, description="processes of the embedded default's adapt worker")
+    adapt_device: Literal["cpu", "cuda", "auto"] = Field(
+        "cpu", description="where an adapt worker adapts and predicts: cpu, cuda (its machine's GPU; the compose "
+        "service worker-adapt-gpu sets it), or auto (cuda when torch sees one)")
     torch_threads: int = Field(1, ge=0, description="torch.set_num_threads in worker children; 0 keeps torch's "
                                "default. 1 suits the embedded default, whose train and adapt workers share one "
                                "machine (2 threads on a shared 2-core box measured ~10x slower than 1)")

@@ -340,7 +340,8 @@ def _load_model(rt: _Runtime, model_id: str):
     use_datasets(rt, tenant, cfg["tasks"])
     tensors, meta = rt.store.get_tensors(uri, sha256=sha)
     tensors = ordered_tensors(tensors, meta)
-    mm = MetaModel.from_tensors(cfg, tensors, device="cpu")
+    from core.trainer import resolve_device
+    mm = MetaModel.from_tensors(cfg, tensors, device=resolve_device(rt.settings.adapt_device))
     rt.models[model_id] = mm
     while len(rt.models) > 16:
         rt.models.popitem(last=False)
