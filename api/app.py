@@ -54,7 +54,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(r.router)
     install_metrics(app)
     install_openapi(app, (JobConfig, AdaptRequest, EvaluationRequest, PredictRequest, KeyCreate), _errors_for)
+    _document_caps(app, settings)
     return app
+
+
+def _document_caps(app: FastAPI, settings: Settings) -> None:
+    """This server's caps (its settings) in its document, so that a request the document admits is never refused
+    for a number the document does not state: rows of adapt and predict, adapt and evaluation steps."""
+    build = app.openapi
+
+    def openapi():
+        if app.openapi_schema:
+            return app.openapi_schema
+        doc = build()
+        comps = doc["components"]["schemas"]
+        for name, fields in (("SupportSet", ("x", "y")), ("QuerySet", ("x",)), ("PredictRequest", ("x",))):
+            for f in fields:
+                comps[name]["properties"][f]["maxItems"] = settings.adapt_max_rows
+        comps["AdaptRequest"]["properties"]["steps"]["maximum"] = settings.adapt_max_steps
+        comps["EvaluationRequest"]["properties"]["steps"]["items"]["maximum"] = settings.adapt_max_steps
+        return doc
+
+    app.openapi = openapi
 
 
 BODY_ROUTES = {("/v1/jobs", "post"), ("/v1/models/{model_id}/adapt", "post"), ("/v1/datasets", "post"),
@@ -85,6 +106,4 @@ def _errors_for(path: str, method: str, op: dict) -> set:
         codes.add(403)
     if path.endswith("/file"):
         codes.add(410)
-    if path == "/readyz":
-        codes.add(503)
     return codes

@@ -73,10 +73,33 @@ def parse_json(raw: bytes, schema, empty: bytes = b"null", object_msg: Optional[
         raise ApiError(422, f"body is not valid JSON: {e}", [{"loc": ["body"], "msg": str(e)}])
     if object_msg and not isinstance(body, dict):
         raise ApiError(422, object_msg, [{"loc": ["body"], "msg": "not an object"}])
-    try:
-        return schema.model_validate(body)
+    if b"\\u0000" in raw:  # (a NUL can only come as this escape: JSON refuses raw control characters)
+        where = _nul_at(body)
+        if where is not None:
+            raise ApiError(422, f"{'.'.join(map(str, where)) or 'body'}: NUL (0x00) characters are not allowed",
+                           [{"loc": where or ["body"], "msg": "NUL (0x00) characters are not allowed"}])
+    try:  # strict: a JSON value of the wrong type is refused as the document says (no "3" or true for 3);
+        return schema.model_validate(body, strict=True)  # the schemas admit 3.0 for 3 (schemas.job.Int)
     except RecursionError:
         raise too_deep from None
     except ValidationError as e:
         errs = pydantic_errors(e)
         raise ApiError(422, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in errs), errs)
+
+
+def _nul_at(value, loc=()):
+    """The location of the first string (or object key) holding a NUL character, or None."""
+    stack = [(value, list(loc))]
+    while stack:
+        v, at = stack.pop()
+        if isinstance(v, str):
+            if "\x00" in v:
+                return at
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                if "\x00" in k:
+                    return at + [k]
+                stack.append((x, at + [k]))
+        elif isinstance(v, list):
+            stack.extend((x, at + [i]) for i, x in enumerate(v))
+    return None

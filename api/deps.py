@@ -1,8 +1,7 @@
 """Request dependencies shared by the routers: the database session, the caller's tenant (bearer API key),
 admin keys (403 for others), ownership checks (404 for another tenant's resource) and cursor pagination."""
 
-import base64
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Optional
 
 from fastapi import Depends, Header, Query, Request
@@ -14,7 +13,7 @@ from store.artifacts import ArtifactError, MissingArtifact
 from store.keys import key_for
 from store.models import Adapter, Dataset, Job, MetaModelRow
 
-from .errors import ApiError, unprocessable
+from .errors import ApiError
 
 PAGE_LIMIT_MAX = 100
 
@@ -106,16 +105,20 @@ def artifact_file(request: Request, uri: str, what: str, filename: str, sha256: 
 
 
 # --------------------------------------------------------------------------- cursor pagination
+# A cursor is the position of the last item of a page in the (created_at, id) order: microseconds since the epoch
+# (UTC), a dot, the id. Any string of that form is a position, so every cursor the pattern admits is a valid one.
+CURSOR_PATTERN = r"^[0-9]{1,16}\.[A-Za-z0-9_-]{1,64}$"
+EPOCH = datetime(1970, 1, 1)
+Cursor = Annotated[Optional[str], Query(pattern=CURSOR_PATTERN, description="the `next_cursor` of the previous page")]
+
+
 def encode_cursor(created_at: datetime, id_: str) -> str:
-    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{id_}".encode()).decode()
+    return f"{(created_at.replace(tzinfo=None) - EPOCH) // timedelta(microseconds=1)}.{id_}"
 
 
 def decode_cursor(cursor: str):
-    try:
-        ts, id_ = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
-        return datetime.fromisoformat(ts), id_
-    except Exception:
-        raise unprocessable(["query", "cursor"], "not a cursor returned by this API")
+    micros, id_ = cursor.split(".", 1)
+    return EPOCH + timedelta(microseconds=int(micros)), id_
 
 
 def page(s, stmt, model, limit: int, cursor: Optional[str], view) -> dict:

@@ -172,7 +172,7 @@ def run_adapt(app: FastAPI, tenant: str, target_id: str, payload: dict, task: st
     if not out.pop("ok"):
         if out["status"] == 422:
             raise unprocessable(out.get("loc") or ["body"], out["message"])
-        if out["status"] == 410:
-            raise ApiError(410, out["message"])
+        if out["status"] in (404, 410):  # deleted meanwhile; its file gone
+            raise ApiError(out["status"], out["message"])
         raise ApiError(500, f"adaptation failed: {out['message']}")
     return out

@@ -5,6 +5,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
@@ -41,7 +42,46 @@ def problem(status: int, detail: str, errors: list | None = None, headers=None) 
     return JSONResponse(body, status_code=status, headers=headers, media_type="application/problem+json")
 
 
+def allowed_methods(request: Request, starlette_allow: str | None) -> str:
+    """The ``Allow`` header of a 405: Starlette's (the methods of the first route matching the path) and those
+    of every operation the OpenAPI document has for a path template matching the request's path."""
+    import re
+    methods = {m.strip().upper() for m in (starlette_allow or "").split(",") if m.strip()}
+    path = request.scope["path"][len(request.scope.get("root_path", "")):] or "/"
+    for template, item in request.app.openapi().get("paths", {}).items():
+        pattern = "".join("[^/]+" if part.startswith("{") else re.escape(part)
+                          for part in re.split(r"(\{[^}/]+\})", template))
+        if re.fullmatch(pattern, path):
+            methods |= {m.upper() for m in item if m in ("get", "put", "post", "delete", "patch", "options", "head")}
+    if "GET" in methods:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods))
+
+
+NUL_MSG = "NUL (0x00) characters are not allowed"
+
+
+class RefuseNul:
+    """PostgreSQL stores no NUL (0x00) character, so the API takes none (the document says so: every free-form
+    string of a parameter or JSON body has the pattern NO_NUL): a path or query with one is a 422 here, before
+    routing, on either backend; JSON bodies are checked in ``api.bodies.parse_json``."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            where = "path" if "\x00" in scope.get("path", "") else \
+                "query" if b"%00" in scope.get("query_string", b"") else None
+            if where:
+                await problem(422, f"{where}: {NUL_MSG}", [{"loc": [where], "msg": NUL_MSG}])(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def install(app: FastAPI):
+    app.add_middleware(RefuseNul)
+
     @app.exception_handler(ApiError)
     async def _api(_: Request, exc: ApiError):
         return problem(exc.status, exc.detail, exc.errors, exc.headers)
@@ -53,8 +93,16 @@ def install(app: FastAPI):
         return problem(422, detail, errs)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException):
-        return problem(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+    async def _http(request: Request, exc: StarletteHTTPException):
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # Starlette names only the first route matching the path (POST of POST+GET)
+            headers = {**(headers or {}), "Allow": allowed_methods(request, (headers or {}).get("Allow"))}
+        return problem(exc.status_code, str(exc.detail), headers=headers)
+
+    @app.exception_handler(DataError)
+    async def _data(_: Request, exc: DataError):  # a value the database cannot hold (a NUL in a multipart field)
+        msg = str(getattr(exc, "orig", exc)).splitlines()[0]
+        return problem(422, f"a value the database cannot store: {msg}", [{"loc": ["body"], "msg": msg}])
 
     @app.exception_handler(Exception)
     async def _any(_: Request, exc: Exception):
@@ -75,14 +123,44 @@ PROBLEM_SCHEMA = {
                                       "msg": {"type": "string"}}}}}}
 
 
-def json_body(model, form: dict | None = None) -> dict:
+def json_body(model, form: dict | None = None, required: bool = True) -> dict:
     """``openapi_extra`` for a route that reads its JSON body itself (capped, parsed off the event loop): the
     model's schema as the documented request body (its definitions go to components, see ``install_openapi``).
-    ``form``: the schema of a ``multipart/form-data`` alternative the route also reads (image files)."""
+    ``form``: the schema of a ``multipart/form-data`` alternative the route also reads (image files);
+    ``required=False``: no body means every field's default."""
     content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
     if form is not None:
         content["multipart/form-data"] = {"schema": form}
-    return {"requestBody": {"required": True, "content": content}}
+    return {"requestBody": {"required": required, "content": content}}
+
+
+NO_NUL = "^[^\\u0000]*$"
+
+
+def no_nul_in_requests(doc: dict) -> None:
+    """Every free-form string of the parameters and JSON request bodies (the components they reference
+    included) gets the pattern NO_NUL: what the API accepts (RefuseNul, ``api.bodies.parse_json``). Strings with
+    a pattern, enum, const or format of their own and multipart fields are left as they are."""
+    comps, seen = doc.get("components", {}).get("schemas", {}), set()
+
+    def walk(node):
+        if isinstance(node, list):
+            for v in node:
+                walk(v)
+        elif isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/components/schemas/") and ref not in seen:
+                seen.add(ref)
+                walk(comps.get(ref.rsplit("/", 1)[1]))
+            if node.get("type") == "string" and not {"pattern", "enum", "const", "format"} & node.keys():
+                node["pattern"] = NO_NUL
+            for v in node.values():
+                walk(v)
+
+    for item in doc.get("paths", {}).values():
+        for op in item.values():
+            walk([p.get("schema") for p in op.get("parameters", [])])
+            walk((op.get("requestBody") or {}).get("content", {}).get("application/json"))
 
 
 def install_openapi(app: FastAPI, body_models, errors_for) -> None:
@@ -117,6 +195,7 @@ def install_openapi(app: FastAPI, body_models, errors_for) -> None:
                                             **({"headers": headers} if headers else {})}
         for unused in ("HTTPValidationError", "ValidationError"):
             comps.pop(unused, None)
+        no_nul_in_requests(doc)
         app.openapi_schema = doc
         return doc
 

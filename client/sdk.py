@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -28,12 +29,16 @@ class Client:
     def _call(self, method, path, **kw):
         r = self.http.request(method, path, **kw)
         if r.status_code >= 400:
-            try:
-                body = r.json()
-            except ValueError:
-                body = r.text
-            raise ApiError(r.status_code, body)
+            self._raise(r)
         return r.json() if r.content else None  # 204: nothing
+
+    @staticmethod
+    def _raise(r: httpx.Response):
+        try:
+            body = r.json()
+        except ValueError:
+            body = r.text
+        raise ApiError(r.status_code, body)
 
     def submit(self, config: dict, idempotency_key: str | None = None) -> dict:
         h = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
@@ -55,12 +60,98 @@ class Client:
     def metrics(self, job_id: str) -> dict:
         return self._call("GET", f"/v1/jobs/{job_id}/metrics")
 
+    def retry(self, job_id: str) -> dict:
+        """Re-queue a failed or canceled job (it resumes from its latest checkpoint); ApiError 409 otherwise."""
+        return self._call("POST", f"/v1/jobs/{job_id}/retry")
+
+    def checkpoints(self, job_id: str) -> dict:
+        """``{"items": [{"id", "step", "sha256", "bytes", "val_score", "best"}], "best_checkpoint_id"}``."""
+        return self._call("GET", f"/v1/jobs/{job_id}/checkpoints")
+
+    def download_checkpoint(self, ckpt_id: str, dest) -> Path:
+        """The checkpoint's safetensors file to ``dest`` (a file, or a directory for ``<id>.safetensors``);
+        its sha256 is checked against the server's."""
+        return self._download(f"/v1/checkpoints/{ckpt_id}/file", dest, f"{ckpt_id}.safetensors")
+
+    def events(self, job_id: str, interval: float | None = None):
+        """The job's Server-Sent Events as ``{"event", "id", "data"}`` dicts (``data`` decoded): ``progress``,
+        ``metrics``, ``status``, one per change; the iteration ends after the terminal ``status``."""
+        params = {"interval": interval} if interval is not None else {}
+        with self.http.stream("GET", f"/v1/jobs/{job_id}/events", params=params) as r:
+            if r.status_code >= 400:
+                r.read()
+                self._raise(r)
+            event: dict = {}
+            for line in r.iter_lines():
+                if not line:  # a blank line ends an event
+                    if "data" in event:
+                        yield {**event, "data": json.loads(event["data"])}
+                    event = {}
+                elif not line.startswith(":"):  # ": keep-alive" comments
+                    field, _, value = line.partition(":")
+                    event[field] = value[1:] if value.startswith(" ") else value
+
+    def models(self, limit: int = 20, cursor: str | None = None) -> dict:
+        """A page of the tenant's published meta-models, newest first, with ``next_cursor``."""
+        params = {k: v for k, v in {"limit": limit, "cursor": cursor}.items() if v is not None}
+        return self._call("GET", "/v1/models", params=params)
+
+    def download_model(self, model_id: str, dest) -> Path:
+        """The meta-model's safetensors file to ``dest`` (a file, or a directory for ``<id>.safetensors``)."""
+        return self._download(f"/v1/models/{model_id}/file", dest, f"{model_id}.safetensors")
+
+    def evaluate(self, model_id: str, **request) -> dict:
+        """Queue a meta-test evaluation (``n_tasks``, ``steps``, ``modules``, ``split``, ``seed``; all optional):
+        ``{"id", "status": "queued"}``."""
+        return self._call("POST", f"/v1/models/{model_id}/evaluations", json=request)
+
+    def evaluation(self, eval_id: str) -> dict:
+        return self._call("GET", f"/v1/evaluations/{eval_id}")
+
+    def evaluations(self, model_id: str) -> dict:
+        """The model's evaluations, newest first: ``{"items": [...]}``."""
+        return self._call("GET", f"/v1/models/{model_id}/evaluations")
+
+    def wait_evaluation(self, eval_id: str, poll: float = 1.0, timeout: float | None = None) -> dict:
+        t0 = time.monotonic()
+        while (e := self.evaluation(eval_id))["status"] not in ("succeeded", "failed"):
+            if timeout is not None and time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"evaluation {eval_id} still {e['status']} after {timeout} s")
+            time.sleep(poll)
+        return e
+
+    def adapter(self, adapter_id: str) -> dict:
+        """A stored adapter (``adapt(..., save_adapter=True)``): ``{"id", "model_id", "modules", "steps", ...}``."""
+        return self._call("GET", f"/v1/adapters/{adapter_id}")
+
+    def _download(self, path: str, dest, default_name: str) -> Path:
+        dest = Path(dest)
+        if dest.is_dir():
+            dest = dest / default_name
+        digest = hashlib.sha256()
+        with self.http.stream("GET", path) as r:
+            if r.status_code >= 400:
+                r.read()
+                self._raise(r)
+            with open(dest, "wb") as f:
+                for chunk in r.iter_bytes():
+                    digest.update(chunk)
+                    f.write(chunk)
+            want = r.headers.get("X-Checksum-Sha256")
+        if want and digest.hexdigest() != want:
+            dest.unlink()
+            raise ValueError(f"{path}: sha256 {digest.hexdigest()} of the download is not the server's {want}")
+        return dest
+
     def model(self, model_id: str) -> dict:
         return self._call("GET", f"/v1/models/{model_id}")
 
-    def adapt(self, model_id: str, support: dict, query: dict, steps: int = 100, modules="selected") -> dict:
+    def adapt(self, model_id: str, support: dict, query: dict, steps: int = 100, modules="selected",
+              save_adapter: bool = False) -> dict:
+        """``save_adapter``: also store the adapted modules; the answer has ``adapter_id`` (``predict``)."""
         return self._call("POST", f"/v1/models/{model_id}/adapt",
-                          json={"support": support, "query": query, "steps": steps, "modules": modules})
+                          json={"support": support, "query": query, "steps": steps, "modules": modules,
+                                "save_adapter": save_adapter})
 
     # uploaded meta-datasets: accepted after a header check (202, status "processing"), then decoded by a worker
     def upload_dataset(self, file, kind: str, name: str | None = None, filename: str | None = None,

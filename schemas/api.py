@@ -4,7 +4,9 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, WithJsonSchema
+
+from .job import Int, _json_integer  # request integers: JSON Schema's (3.0 is one), validated strictly
 
 # timestamps are stored as naive UTC (SQLite keeps no zone); answered as RFC 3339 with the offset
 UtcDatetime = Annotated[datetime, PlainSerializer(
@@ -133,22 +135,35 @@ class ModelPage(BaseModel):
     next_cursor: Optional[str] = None
 
 
+def _rows_schema(depth: int = 4) -> dict:
+    """Rows of numbers or nested arrays of numbers (a model's input shape, up to ``depth`` levels below the
+    rows); the shape a model takes is checked against the model (api/validation.py)."""
+    item: dict = {"type": "number"}
+    for _ in range(depth):
+        item = {"anyOf": [{"type": "number"}, {"type": "array", "minItems": 1, "items": item}]}
+    return {"type": "array", "minItems": 1, "items": item}
+
+
+# validated by numpy (api/validation.py), not item by item by pydantic: large arrays stay fast
+Rows = Annotated[list[Any], WithJsonSchema(_rows_schema())]
+
+
 class SupportSet(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    x: list[Any]
-    y: list[Any]
+    x: Rows
+    y: Rows
 
 
 class QuerySet(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    x: list[Any]
+    x: Rows
 
 
 class AdaptRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     support: SupportSet
     query: QuerySet
-    steps: int = Field(100, ge=0)
+    steps: Int = Field(100, ge=0)
     modules: Union[Literal["selected", "all"], list[str]] = Field(
         "selected", description="selected (default): the modules the learned sigma^2 selects (modules.selection): "
         "every module, each under its learned prior, unless sigma^2 separated by modules.min_gap, then the ones "
@@ -170,15 +185,15 @@ class AdaptOut(BaseModel):
 class EvaluationRequest(BaseModel):
     """A meta-test evaluation: ``n_tasks`` held-out tasks of the model's own family, adapted along ``steps``."""
     model_config = ConfigDict(extra="forbid")
-    n_tasks: int = Field(600, ge=1, le=100_000)
-    steps: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0, 1, 5, 10, 50],
+    n_tasks: Int = Field(600, ge=1, le=100_000)
+    steps: list[Annotated[int, Field(ge=0), BeforeValidator(_json_integer)]] = Field(default_factory=lambda: [0, 1, 5, 10, 50],
                                                      min_length=1, max_length=64)
     modules: Union[Literal["selected", "all", "each"], list[str]] = Field(
         "selected", description="selected (default): the modules the learned sigma^2 selects (modules.selection): "
         "every module, each under its learned prior, unless sigma^2 separated by modules.min_gap, then the ones "
         "above the gap; all modules for algorithms without sigma^2. all: every module. each: one module at a time. Or a list of module names")
     split: Literal["train", "val", "test"] = "test"
-    seed: int = Field(0, ge=0, le=2**63 - 1)
+    seed: Int = Field(0, ge=0, le=2**63 - 1)
 
 
 class EvaluationResult(_Out):
@@ -203,7 +218,7 @@ class EvaluationOut(_Out):
 
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    x: list[Any]
+    x: Rows
 
 
 class PredictOut(BaseModel):

@@ -10,10 +10,26 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, model_validator
 
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+
+def _json_integer(v):
+    """JSON Schema's ``integer`` admits 3.0; the API validates bodies in strict mode (``api.bodies``: no "3" or
+    true for 3), so an integral float becomes an int before the strict check."""
+    return int(v) if type(v) is float and v.is_integer() else v
+
+
+def _json_array(v):
+    """A JSON array for a fixed-length tuple (strict mode takes only a tuple from Python)."""
+    return tuple(v) if isinstance(v, list) else v
+
+
+Int = Annotated[int, BeforeValidator(_json_integer)]
+OptInt = Annotated[Optional[int], BeforeValidator(_json_integer)]  # (Optional[Int] loses its bounds in the document)
 
 SIGMA_ALGORITHMS = ("sigma_maml", "sigma_imaml", "sigma_reptile")
 
@@ -60,7 +76,7 @@ class FOMAML(Strict):
 
 
 class _Implicit(Strict):
-    cg_steps: int = Field(5, ge=1, le=100, description="conjugate-gradient iterations (App. D.1: 5)")
+    cg_steps: Int = Field(5, ge=1, le=100, description="conjugate-gradient iterations (App. D.1: 5)")
 
 
 class SigmaIMAML(_Shrinkage, _Implicit):
@@ -78,7 +94,7 @@ class IMAML(_Implicit):
 
 class SigmaReptile(_Shrinkage, _Implicit):
     name: Literal["sigma_reptile"]
-    cg_steps: int = Field(1, ge=1, le=100, description="CG iterations for the sigma^2 gradient (Table 7: 1)")
+    cg_steps: Int = Field(1, ge=1, le=100, description="CG iterations for the sigma^2 gradient (Table 7: 1)")
     damping: float = Field(0.5, ge=0, allow_inf_nan=False, description="d-tilde of Eq. 48 (Table 7: 0.5)")
     phi_data: Literal["task", "support"] = Field(
         "task", description="the data phi's MAP (Eq. 9) is fitted on. 'support': the paper's D^train exactly (App. "
@@ -123,7 +139,7 @@ class HyperNet(Strict):
     loop adapts the task embeddings e_l (and the head), the outer loop learns the templates (outer.lr_extra)."""
     name: Literal["hypernet"]
     embedding: Union[Literal["compressed", "comparable", "overparametrised"],
-                     Annotated[int, Field(ge=1, le=4096)]] = Field(
+                     Annotated[int, Field(ge=1, le=4096), BeforeValidator(_json_integer)]] = Field(
         "comparable", description="task-embedding size K per hidden layer, relative to the layer's width (output "
         "units / channels): 'compressed' width/4, 'comparable' width, 'overparametrised' 2 x width; or an explicit K")
     adapt_head: bool = Field(True, description="the inner loop adapts the output layer as well as the embeddings "
@@ -141,13 +157,13 @@ Algorithm = Annotated[
 # --------------------------------------------------------------------------- models
 class MLPModel(Strict):
     arch: Literal["mlp"]
-    hidden: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [40, 40], max_length=16)
+    hidden: list[Annotated[int, Field(ge=1, le=4096), BeforeValidator(_json_integer)]] = Field(default_factory=lambda: [40, 40], max_length=16)
     activation: Literal["relu", "tanh", "gelu", "sigmoid"] = "relu"
 
 
 class Conv4Model(Strict):
     arch: Literal["conv4"]
-    channels: int = Field(64, ge=1, le=512)
+    channels: Int = Field(64, ge=1, le=512)
     variant: Literal["strided", "maxpool"] = Field(
         "strided", description="strided: 3x3 conv stride 2 (few-shot, Finn et al.); maxpool: stride 1 + 2x2 max-pool (App. E.1)"
     )
@@ -176,7 +192,7 @@ class Modules(Strict):
         description="selection 'gap': the smallest gap in natural-log sigma^2 that counts as a separation "
                     "(default ln 100, Sec. 4.3's 'at least two orders of magnitude')")
     threshold: PositiveFloat = Field(1e-3, description="selection 'threshold': sigma^2 above this value")
-    k: int = Field(1, ge=1, description="selection 'topk': the k largest sigma^2")
+    k: Int = Field(1, ge=1, description="selection 'topk': the k largest sigma^2")
 
     @model_validator(mode="after")
     def _groups(self):
@@ -188,7 +204,7 @@ class Modules(Strict):
 
 
 # --------------------------------------------------------------------------- tasks
-Range = tuple[FiniteFloat, FiniteFloat]
+Range = Annotated[tuple[FiniteFloat, FiniteFloat], BeforeValidator(_json_array)]
 
 
 def _check_range(name: str, r: Optional[Range]):
@@ -198,8 +214,8 @@ def _check_range(name: str, r: Optional[Range]):
 
 class SinusoidTasks(Strict):
     family: Literal["sinusoid"]
-    shots: int = Field(10, ge=1, le=10000)
-    query: int = Field(10, ge=1, le=10000)
+    shots: Int = Field(10, ge=1, le=10000)
+    query: Int = Field(10, ge=1, le=10000)
     amplitude: Range = (0.1, 5.0)
     phase: Range = (0.0, math.pi)
     x_range: Range = (-5.0, 5.0)
@@ -217,20 +233,20 @@ class HierarchicalNormalTasks(Strict):
     variant: Literal["univariate", "linear", "swirl"] = Field(
         "univariate", description="univariate: App. A; linear: App. C.1; swirl: App. C.2"
     )
-    shots: int = Field(10, ge=1, le=100000, description="N training observations per task")
-    query: int = Field(10, ge=1, le=100000, description="K validation observations per task")
+    shots: Int = Field(10, ge=1, le=100000, description="N training observations per task")
+    query: Int = Field(10, ge=1, le=100000, description="K validation observations per task")
     phi_true: FiniteFloat = Field(0.0, description="univariate only: true prior mean")
     sigma2_true: PositiveFloat = Field(1.0, description="univariate only: true prior variance")
-    n_tasks: Optional[int] = Field(
+    n_tasks: OptInt = Field(
         None, ge=1, le=1_000_000, description="a fixed set of T training tasks (App. A); None = a fresh task every draw"
     )
 
 
 class PolynomialTasks(Strict):
     family: Literal["polynomial"]
-    order: int = Field(3, ge=0, le=20, description="MT-net Sec. 6.3 uses orders 0..3")
-    shots: int = Field(10, ge=1, le=10000)
-    query: int = Field(10, ge=1, le=10000)
+    order: Int = Field(3, ge=0, le=20, description="MT-net Sec. 6.3 uses orders 0..3")
+    shots: Int = Field(10, ge=1, le=10000)
+    query: Int = Field(10, ge=1, le=10000)
     coefficients: Range = Field((-1.0, 1.0), description="each c_i ~ U[coefficients]")
     x_range: Range = Field((-5.0, 5.0), description="x ~ U[x_range] (MT-net Sec. 6.1's input range)")
 
@@ -245,7 +261,7 @@ class Split(Strict):
     by: Literal["class", "group"] = Field("class", description="split classes, or whole groups (alphabets)")
     test_fraction: float = Field(0.2, ge=0, lt=1, allow_inf_nan=False)
     val_fraction: float = Field(0.0, ge=0, lt=1, allow_inf_nan=False, description="meta-validation split")
-    seed: int = Field(0, ge=0, le=2**63 - 1, description="fixed seed of the split (independent of the job seed)")
+    seed: Int = Field(0, ge=0, le=2**63 - 1, description="fixed seed of the split (independent of the job seed)")
 
     @model_validator(mode="after")
     def _sum(self):
@@ -278,18 +294,21 @@ class ImageClassesTasks(Strict):
     configured folder (METASHRINK_OMNIGLOT_DIR); ``source: "dataset"`` uses uploaded dataset id(s).
     ``{"dataset_id": ..., "ways": ...}`` without family/source means an uploaded image dataset."""
 
+    # the document says what the discriminator (_task_family) does: family, or else dataset_id with ways
+    model_config = ConfigDict(json_schema_extra={"anyOf": [{"required": ["family"]},
+                                                           {"required": ["dataset_id", "ways"]}]})
     family: Literal["image_classes"] = "image_classes"
     source: Literal["omniglot", "dataset"] = "omniglot"
     dataset_id: Optional[Union[DatasetId, Annotated[list[DatasetId], Field(min_length=1, max_length=16)]]] = None
-    ways: int = Field(5, ge=2, le=1000)
-    shots: int = Field(1, ge=1, le=1000, description="support images per class")
-    query: int = Field(15, ge=1, le=1000, description="query images per class")
-    image_size: Optional[int] = Field(28, ge=4, le=512, description="resize to image_size^2; None keeps the size")
+    ways: Int = Field(5, ge=2, le=1000)
+    shots: Int = Field(1, ge=1, le=1000, description="support images per class")
+    query: Int = Field(15, ge=1, le=1000, description="query images per class")
+    image_size: OptInt = Field(28, ge=4, le=512, description="resize to image_size^2; None keeps the size")
     rotations: bool = Field(False, description="0/90/180/270 degree rotations as new classes (App. E.4.1)")
     split: Split = Field(default_factory=Split)
     task_mode: Literal["random", "per_group"] = Field(
         "random", description="random: any `ways` classes of the split; per_group: one fixed task per group (App. E.1)")
-    instance_split: Optional[int] = Field(
+    instance_split: OptInt = Field(
         None, ge=1, le=10000, description="support from the first n instances per class, query from the rest (E.1: 15)")
     augment: Optional[Augment] = Field(None, description="on-the-fly augmentation (App. E.1)")
 
@@ -314,7 +333,7 @@ class ImageClassesTasks(Strict):
 class RegressionSplit(Strict):
     test_fraction: float = Field(0.2, ge=0, lt=1, allow_inf_nan=False)
     val_fraction: float = Field(0.0, ge=0, lt=1, allow_inf_nan=False)
-    seed: int = Field(0, ge=0, le=2**63 - 1)
+    seed: Int = Field(0, ge=0, le=2**63 - 1)
 
 
 class RegressionDatasetTasks(Strict):
@@ -323,8 +342,8 @@ class RegressionDatasetTasks(Strict):
     family: Literal["regression_dataset"] = "regression_dataset"
     source: Literal["dataset"] = "dataset"
     dataset_id: Union[DatasetId, Annotated[list[DatasetId], Field(min_length=1, max_length=16)]]
-    shots: int = Field(10, ge=1, le=100000)
-    query: int = Field(10, ge=1, le=100000)
+    shots: Int = Field(10, ge=1, le=100000)
+    query: Int = Field(10, ge=1, le=100000)
     split: RegressionSplit = Field(default_factory=RegressionSplit)
 
 
@@ -361,18 +380,19 @@ class Inner(Strict):
         None, description="default by task family: 0.4 for image_classes (Finn et al.'s Omniglot step size, which "
         "the shrinkage variants share in docs/results/omniglot.md), 0.01 otherwise (Finn et al.'s sinusoid step "
         "size; docs/results/sinusoid.md)")
-    steps: Optional[int] = Field(
+    steps: OptInt = Field(
         None, ge=1, le=10000, description="inner steps during meta-training; default 5, except 1 for the MAML "
         "family (maml, fomaml, sigma_maml) on image_classes (Finn et al.'s 5-way 1-shot Omniglot). Reptile's "
         "update and the implicit gradients need an adapted theta, so they keep 5 (Nichol et al.'s Omniglot count)")
-    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
+    betas: Annotated[tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]],
+                     BeforeValidator(_json_array)] = (0.9, 0.999)
     eps: PositiveFloat = 1e-8
 
 
 class Outer(Strict):
     optimizer: Literal["adam", "sgd"] = "adam"
-    meta_batch: int = Field(25, ge=1, le=4096, description="tasks per meta-step (Finn et al.'s sinusoid value)")
-    steps: int = Field(1000, ge=1, le=10_000_000)
+    meta_batch: Int = Field(25, ge=1, le=4096, description="tasks per meta-step (Finn et al.'s sinusoid value)")
+    steps: Int = Field(1000, ge=1, le=10_000_000)
     lr_phi: Optional[PositiveFloat] = Field(
         None, description="outer learning rate of phi. Default 1e-3 (Finn et al.'s Adam rate for sinusoid and "
         "Omniglot), except 1e-2 for reptile and sigma_reptile: their meta-update is a parameter difference, not a "
@@ -406,13 +426,13 @@ class Execution(Strict):
         "under bfloat16 autocast on the job's device, in training and in every adapt of the published model; "
         "batch-norm, the head, the losses, the inner and outer updates and the stored parameters stay float32. "
         "Off by default; a speed option for GPUs with bf16 tensor cores (on CPUs it is usually slower)")
-    world_size: int = Field(
+    world_size: Int = Field(
         1, ge=1, le=1024, description="ranks (processes) that train this one job with torch.distributed: the worker "
         "that claims it launches them (gloo on CPU, NCCL on GPUs, one GPU per rank); each rank adapts a disjoint "
         "share of the same meta-batch a world_size 1 job draws for the seed, and the finite tasks' update sums and "
         "counts are all-reduced, so the result equals world_size 1 up to float reduction order. At most "
         "outer.meta_batch, and at most the workers' METASHRINK_MAX_WORLD_SIZE per node (422 above it)")
-    nodes: int = Field(
+    nodes: Int = Field(
         1, ge=1, le=1024, description="machines the world_size ranks are spread over (world_size / nodes each): the "
         "claiming worker is node 0 and hosts the rendezvous, join workers (queue 'join') on other machines start "
         "the other nodes' ranks. More than 1 only where the deployment allows it (METASHRINK_MAX_NODES, default 1: "
@@ -438,18 +458,18 @@ class Run(Strict):
     families need ``tasks.split.val_fraction > 0``; sinusoid, polynomial and hierarchical_normal draw fresh
     validation tasks."""
 
-    checkpoint_every: int = Field(100, ge=1)
-    module_map_every: int = Field(50, ge=1)
-    log_every: int = Field(10, ge=1)
-    validate_every: Optional[int] = Field(
+    checkpoint_every: Int = Field(100, ge=1)
+    module_map_every: Int = Field(50, ge=1)
+    log_every: Int = Field(10, ge=1)
+    validate_every: OptInt = Field(
         None, ge=1, description="meta-steps between validations on the val split; None = no validation")
-    validation_tasks: int = Field(100, ge=1, le=10000, description="validation tasks per validation")
-    validation_steps: Optional[int] = Field(
+    validation_tasks: Int = Field(100, ge=1, le=10000, description="validation tasks per validation")
+    validation_steps: OptInt = Field(
         None, ge=0, le=10000, description="adaptation steps on each validation task; None = inner.steps")
     validation_modules: Literal["all", "selected"] = Field(
         "selected", description="modules adapted during validation: selected (the default everywhere: every "
         "module under its learned prior unless sigma^2 separated, modules.selection) or all")
-    patience: Optional[int] = Field(
+    patience: OptInt = Field(
         None, ge=1, description="stop after this many validations without improvement; None = never stop early")
     min_delta: float = Field(0.0, ge=0, allow_inf_nan=False,
                              description="an improvement must beat the best score by more than this")
@@ -470,7 +490,7 @@ class JobConfig(Strict):
     outer: Outer = Field(default_factory=Outer)
     execution: Execution = Field(default_factory=Execution)
     run: Run = Field(default_factory=Run)
-    seed: int = Field(0, ge=0, le=2**63 - 1)
+    seed: Int = Field(0, ge=0, le=2**63 - 1)
 
     @model_validator(mode="after")
     def _compat(self):

@@ -326,6 +326,10 @@ def run_evaluation(eval_id: str):
 
 
 # --------------------------------------------------------------------------- adaptation
+class NotFound(LookupError):
+    """The model or adapter of an adapt request is gone (deleted after the API found it): the API answers 404."""
+
+
 def _load_model(rt: _Runtime, model_id: str):
     if model_id in rt.models:
         rt.models.move_to_end(model_id)
@@ -334,8 +338,8 @@ def _load_model(rt: _Runtime, model_id: str):
 
     with rt.db.session() as ses:
         row = ses.scalar(select(MetaModelRow).where(MetaModelRow.id == model_id))
-        if row is None:
-            raise KeyError(model_id)
+        if row is None:  # deleted since the API looked it up
+            raise NotFound(f"model {model_id} not found")
         cfg, uri, sha, tenant = row.config, row.uri, row.sha256, row.tenant
     use_datasets(rt, tenant, cfg["tasks"])
     tensors, meta = rt.store.get_tensors(uri, sha256=sha)
@@ -366,6 +370,8 @@ def _reply(rt: _Runtime, request_id: str, what: str, work) -> None:
         return
     except ValueError as e:
         out = {"ok": False, "status": 422, "message": str(e), **({"loc": e.loc} if hasattr(e, "loc") else {})}
+    except NotFound as e:  # the model or adapter was deleted while the request was on its way: 404
+        out = {"ok": False, "status": 404, "message": str(e)}
     except MissingArtifact as e:  # the model's or adapter's file is gone: 410, naming the artifact, not a path
         log.warning("%s %s: %s", what, request_id, e)
         out = {"ok": False, "status": 410, "message": str(e)}
@@ -447,8 +453,8 @@ def adapter_predict(request_id: str, adapter_id: str, payload: dict):
         payload_inputs(payload)  # image files (multipart requests) -> arrays, preprocessed as in training
         with rt.db.session() as ses:
             row = ses.get(Adapter, adapter_id)
-            if row is None:
-                raise KeyError(adapter_id)
+            if row is None:  # deleted since the API looked it up
+                raise NotFound(f"adapter {adapter_id} not found")
             model_id, uri, sha = row.model_id, row.uri, row.sha256
         mm = _load_model(rt, model_id)
         tensors, _ = rt.store.get_tensors(uri, sha256=sha)

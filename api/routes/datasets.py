@@ -11,8 +11,6 @@ bytes go to the artifact store, the dataset is recorded ``processing`` and the a
 error. Jobs accept only ready datasets.
 """
 
-from typing import Optional
-
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
@@ -22,7 +20,7 @@ from store.datasets import lock_quota, quota_problem, tenant_usage
 from store.models import Dataset, new_id, utcnow
 
 from ..bodies import read_capped
-from ..deps import Limit, Session, Tenant, own_dataset, page
+from ..deps import Cursor, Limit, Session, Tenant, own_dataset, page
 from ..dispatch import enqueue_dataset, try_send
 from ..errors import ApiError, unprocessable
 from ..views import dataset_view
@@ -35,8 +33,8 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
                  "description": "a zip of class folders, or a CSV/NPZ of regression points"},
         "kind": {"type": "string", "enum": ["image_classes", "regression"]},
         "name": {"type": "string"},
-        "min_per_class": {"type": "integer", "description": "images each class needs (image_classes)"},
-        "min_points": {"type": "integer", "description": "points each task needs (regression)"}}}}}}}
+        "min_per_class": {"type": "integer", "minimum": 1, "description": "images each class needs (image_classes)"},
+        "min_points": {"type": "integer", "minimum": 1, "description": "points each task needs (regression)"}}}}}}}
 DATASET_SCHEMA = {
     "type": "object", "required": ["id", "kind", "status", "bytes", "created_at"], "additionalProperties": True,
     "description": "the summary's counts and shapes (kind-specific keys) with these fields",
@@ -145,7 +143,7 @@ def _accept_upload(app, t, kind, name, fname, data, opts):
     "application/json": {"schema": {"type": "object", "required": ["items", "next_cursor", "usage"], "properties": {
         "items": {"type": "array", "items": DATASET_SCHEMA}, "next_cursor": {"type": ["string", "null"]},
         "usage": USAGE_SCHEMA}}}}}})
-def list_datasets(request: Request, s: Session, t: Tenant, limit: Limit = 20, cursor: Optional[str] = None):
+def list_datasets(request: Request, s: Session, t: Tenant, limit: Limit = 20, cursor: Cursor = None):
     """The tenant's datasets (newest first) and ``usage``: the bytes they store (processing ones: their
     estimate) and the quota (``null``: unlimited)."""
     out = page(s, select(Dataset).where(Dataset.tenant == t), Dataset, limit, cursor, dataset_view)

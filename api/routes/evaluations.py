@@ -17,7 +17,7 @@ from ..views import evaluation_view
 router = APIRouter(tags=["evaluations"])
 
 
-@router.post("/v1/models/{model_id}/evaluations", status_code=202, openapi_extra=json_body(EvaluationRequest))
+@router.post("/v1/models/{model_id}/evaluations", status_code=202, openapi_extra=json_body(EvaluationRequest, required=False))
 async def create_evaluation(model_id: str, request: Request, t: Tenant):
     settings = request.app.state.settings
     req = await read_json(request, 64 * 1024, EvaluationRequest, empty=b"{}",

@@ -14,7 +14,18 @@ def healthz():
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+READY = {"type": "object", "required": ["status", "checks", "workers"], "properties": {
+    "status": {"type": "string", "enum": ["ok", "unavailable"]},
+    "checks": {"type": "object", "additionalProperties": {"type": "string"},
+               "description": "database, broker, workers: 'ok' or 'error: ...'"},
+    "workers": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "string"}},
+                "description": "queue -> the workers consuming it"}}}
+
+
+@router.get("/readyz", responses={
+    200: {"description": "ready", "content": {"application/json": {"schema": READY}}},
+    503: {"description": "not ready: a check failed (the body says which)",
+          "content": {"application/json": {"schema": READY}}}})
 def readyz(request: Request):
     app = request.app
     checks = {}

@@ -16,7 +16,7 @@ from store.datasets import dataset_ids
 from store.models import Dataset, Job, JobMetric, ModuleMap, new_id, utcnow
 
 from ..bodies import read_json
-from ..deps import Limit, Session, Tenant, own_job, page
+from ..deps import Cursor, Limit, Session, Tenant, own_job, page
 from ..dispatch import enqueue, try_send
 from ..errors import ApiError, json_body, unprocessable
 from ..views import job_view, selection_view
@@ -101,7 +101,7 @@ def check_validation_split(cfg: dict) -> None:
 
 
 @router.get("", response_model=JobPage)
-def list_jobs(s: Session, t: Tenant, limit: Limit = 20, cursor: Optional[str] = None,
+def list_jobs(s: Session, t: Tenant, limit: Limit = 20, cursor: Cursor = None,
               status: Optional[str] = Query(None, pattern="^(queued|running|succeeded|failed|canceled)$")):
     stmt = select(Job).where(Job.tenant == t)
     if status:

@@ -17,7 +17,7 @@ from store.keys import create_key_row, key_view, revoke_key
 from store.models import ApiKey
 
 from ..bodies import read_json
-from ..deps import Admin, Limit, Session, page
+from ..deps import Admin, Cursor, Limit, Session, page
 from ..errors import ApiError, json_body
 
 router = APIRouter(prefix="/v1/admin/keys", tags=["admin"])
@@ -25,7 +25,7 @@ router = APIRouter(prefix="/v1/admin/keys", tags=["admin"])
 
 @router.get("", response_model=KeyPage)
 def list_keys(s: Session, _: Admin, tenant: Annotated[Optional[str], Query(max_length=128)] = None,
-              limit: Limit = 100, cursor: Optional[str] = None):
+              limit: Limit = 100, cursor: Cursor = None):
     """Every tenant's keys, newest first (revoked ones included, with ``revoked_at``); never their hashes."""
     stmt = select(ApiKey)
     if tenant is not None:

@@ -1,7 +1,5 @@
 """Published meta-models: list, read, download, and adapt to a support set (answered by the adapt workers)."""
 
-from typing import Optional
-
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
@@ -13,7 +11,7 @@ from store.preprocessing import of_model
 from store.settings import Settings
 
 from ..bodies import off_loop, parse_json, read_capped
-from ..deps import Limit, Session, Tenant, artifact_file, own_model, page
+from ..deps import Cursor, Limit, Session, Tenant, artifact_file, own_model, page
 from ..dispatch import run_adapt
 from ..errors import json_body, unprocessable
 from ..images import ADAPT_FORM, adapt_payload, is_multipart, read_form
@@ -24,7 +22,7 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
 @router.get("", response_model=ModelPage)
-def list_models(s: Session, t: Tenant, limit: Limit = 20, cursor: Optional[str] = None):
+def list_models(s: Session, t: Tenant, limit: Limit = 20, cursor: Cursor = None):
     return page(s, select(MetaModelRow).where(MetaModelRow.tenant == t), MetaModelRow, limit, cursor,
                 lambda m: model_view(m, of_model(s, m)[0]))
 
