@@ -298,7 +298,6 @@ def _adapt_images(a):
     return 0
 
 
-
 def main(argv=None):
     p = argparse.ArgumentParser(prog="metashrink", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
