@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import socket
@@ -45,19 +44,9 @@ ALGS = ("maml", "sigma_maml")
 
 
 def machine(cuda: bool) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip() or None
-    info = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": socket.gethostname(), "cpu": cpu,
-            "cores": os.cpu_count(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-            "python": platform.python_version(), "commit": commit, "cuda": cuda}
+    from benchmarks.core_bench import machine_info  # here, not at import (core_bench registers a data source)
+    info = {**machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": socket.gethostname(),
+            "torch_cuda": torch.version.cuda, "cuda": cuda}
     if cuda:
         p = torch.cuda.get_device_properties(0)
         info.update({"gpu": p.name, "gpu_count": torch.cuda.device_count(), "capability": f"{p.major}.{p.minor}",

@@ -84,3 +84,24 @@ def fd(J, meta, d, eps=1e-6):
     """Directional derivative of J at meta along d: fourth-order central finite difference."""
     return (-J(add(meta, d, 2 * eps)) + 8 * J(add(meta, d, eps)) - 8 * J(add(meta, d, -eps))
             + J(add(meta, d, -2 * eps))) / (12 * eps)
+
+
+def png(a, mode=None) -> bytes:
+    """A uint8 array as the bytes of a PNG file."""
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(a, mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def light_strokes(rng, side=12, background=250):
+    """Dark random strokes on a light background (so that an upload inverts it) with grey levels in between."""
+    import numpy as np
+    a = np.full((side, side), background, dtype=np.uint8)
+    for _ in range(3):
+        r, c = rng.integers(0, side, 2)
+        a[r, :] = rng.integers(0, 120)
+        a[:, c] = rng.integers(30, 200)
+    return a

@@ -17,27 +17,11 @@ from datasets.images import preprocess_image, preprocess_images
 from datasets.omniglot import default_directory, load_omniglot
 from datasets.upload import UploadError, validate_image_zip
 from store.preprocessing import image_preprocessing
+from tests.core_helpers import light_strokes, png
 
 OMNIGLOT = default_directory()
 needs_omniglot = pytest.mark.skipif(not (OMNIGLOT / "images_background_small1.zip").exists(),
                                     reason=f"no Omniglot zips in {OMNIGLOT}")
-
-
-def png(a: np.ndarray, mode=None) -> bytes:
-    from PIL import Image
-    buf = io.BytesIO()
-    Image.fromarray(a, mode).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def light_strokes(rng, side=12) -> np.ndarray:
-    """Dark random strokes on a light background (so that the upload inverts) with grey levels in between."""
-    a = np.full((side, side), 250, dtype=np.uint8)
-    for _ in range(3):
-        r, c = rng.integers(0, side, 2)
-        a[r, :] = rng.integers(0, 120)
-        a[:, c] = rng.integers(30, 200)
-    return a
 
 
 def upload_zip(classes=10, per_class=3, side=12, seed=0, rgb=False):

@@ -11,25 +11,9 @@ import numpy as np
 import pytest
 
 from datasets.omniglot import default_directory
+from tests.core_helpers import light_strokes, png
 
 OMNIGLOT = default_directory()
-
-
-def _png(a: np.ndarray) -> bytes:
-    from PIL import Image
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _strokes(rng, side=16) -> np.ndarray:
-    """Dark strokes on a light background (the upload inverts it) with grey levels in between."""
-    a = np.full((side, side), 245, dtype=np.uint8)
-    for _ in range(3):
-        r, c = rng.integers(0, side, 2)
-        a[r, :] = rng.integers(0, 120)
-        a[:, c] = rng.integers(30, 200)
-    return a
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +32,7 @@ def image_model(service):
     with zipfile.ZipFile(buf, "w") as z:
         for c in range(16):
             for i in range(3):
-                files[(c, i)] = _png(_strokes(rng))
+                files[(c, i)] = png(light_strokes(rng, 16, background=245))
                 z.writestr(f"letters/c{c:02d}/{i}.png", files[(c, i)])
     d = service.upload_ready(buf.getvalue(), "image_classes", "letters.zip")  # 202, then decoded by a worker
     assert d["preprocessing"] == {"decode_size": None, "invert": True}, d  # recorded by the upload
@@ -136,7 +120,7 @@ def test_multipart_problems_are_422_naming_the_file(service, image_model, refere
     assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["support", 1], r.text
     assert "b/broken.png" in r.json()["detail"] and "unreadable image" in r.json()["detail"]
     assert r.json()["errors"][0]["file"] == "b/broken.png"
-    big = _png(np.zeros((4200, 4200), np.uint8))  # 17.6M pixels, above the per-image cap, ~20 KB as a PNG
+    big = png(np.zeros((4200, 4200), np.uint8))  # 17.6M pixels, above the per-image cap, ~20 KB as a PNG
     r = post(sup + _parts("query", [("q/0.png", files[(0, 1)]), ("q/huge.png", big)]))
     assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["query", 1], r.text
     assert "q/huge.png" in r.json()["detail"] and "above the cap" in r.json()["detail"]
@@ -157,7 +141,7 @@ def test_multipart_problems_are_422_naming_the_file(service, image_model, refere
     assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["colour"], r.text
     # caps as the JSON path: the rows cap (counted before decoding) and the body cap (413)
     rows = service.settings.adapt_max_rows
-    tiny = _png(np.zeros((2, 2), np.uint8))
+    tiny = png(np.zeros((2, 2), np.uint8))
     r = post(sup + _parts("query", [(f"q/{i}.png", tiny) for i in range(rows + 1)]))
     assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["query"], r.text
     assert f"above the cap of {rows} rows" in r.json()["detail"]
