@@ -127,8 +127,14 @@ def delete_dataset(s, d: Dataset) -> list:
     if models:
         raise Conflict(f"dataset {d.id} is the task source of models {_names(models)} (their evaluations and "
                        f"adaptations load it); delete those models first")
-    s.execute(delete(Dataset).where(Dataset.id == d.id))
-    return [d.uri]
+    uri = d.uri
+    while uri is not None:
+        if s.execute(delete(Dataset).where(Dataset.id == d.id, Dataset.uri == uri)).rowcount:
+            return [uri]
+        # the datasets worker finished it since it was read (processing -> ready moves it to a new file): that
+        # file is the one to remove, not the raw upload read before
+        uri = s.scalar(select(Dataset.uri).where(Dataset.id == d.id))
+    return []
 
 
 def remove_artifacts(store, artifacts: list) -> None:
