@@ -50,6 +50,7 @@ if str(ROOT) not in sys.path:
 from core.tasks import register_source  # noqa: E402
 from core.trainer import MetaTrainer  # noqa: E402
 from schemas.job import JobConfig  # noqa: E402
+from benchmarks.machine import commit as code_commit, cpu_name  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Core meta-training throughput and memory"
@@ -59,19 +60,7 @@ BENCH_SOURCE_ID = "core-bench-random"
 
 # --------------------------------------------------------------------------- machine
 def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=str(ROOT)).stdout.strip() or None
-    except OSError:
-        commit = None
+    cpu, commit = cpu_name(), code_commit()
     return {"cpu": cpu, "cores": os.cpu_count(), "commit": commit, "torch": torch.__version__, "python": platform.python_version(),
             "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
             "loadavg_start": [round(x, 2) for x in os.getloadavg()],

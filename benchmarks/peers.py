@@ -78,6 +78,7 @@ if str(ROOT) not in sys.path:
 
 from core.trainer import MetaTrainer  # noqa: E402
 from schemas.job import JobConfig  # noqa: E402
+from benchmarks.machine import commit as code_commit, cpu_name  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Peers"
@@ -558,19 +559,7 @@ def summarize(workload, alg, names, rows) -> dict:
 
 # --------------------------------------------------------------------------- report
 def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=str(ROOT)).stdout.strip() or None
-    except OSError:
-        commit = None
+    cpu, commit = cpu_name(), code_commit()
     try:  # uncommitted changes to the measured code, named beside the commit
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "core", "schemas", "datasets",
                                 "benchmarks/peers.py"], capture_output=True, text=True,
