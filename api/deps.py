@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 from fastapi import Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, or_
 
 from store.artifacts import ArtifactError, MissingArtifact
 from store.keys import key_for

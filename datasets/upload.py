@@ -32,8 +32,8 @@ import numpy as np
 
 # the header pass (limits checked before anything is decoded) and the error types live in store.uploads, which
 # the API imports without importing this package (whose __init__ imports core, i.e. torch)
-from store.uploads import (IMAGE_EXTENSIONS, MAX_FILES, MAX_UNCOMPRESSED, PIL_FORMATS, UploadError,  # noqa: F401
-                           UploadLimits, UploadTooLarge, csv_columns, scan_image_zip, scan_regression)
+from store.uploads import (PIL_FORMATS, UploadError, UploadLimits, csv_columns, scan_image_zip,
+                           scan_regression)
 
 MAX_IMAGE_PIXELS = UploadLimits.max_image_pixels
 # decoded pixels over the whole archive, checked from each image's header before anything is decoded: bounds the
