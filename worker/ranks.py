@@ -339,6 +339,7 @@ def main(argv: list[str]) -> int:
         comm = Comm.join(spec["store_host"], spec["store_port"], rank, world, device=rank_device(cfg, local_rank),
                          prefix=spec["prefix"], timeout=float(spec["timeout"]),
                          ready_path=str(tmp / "ready") if rank == 0 else None)
+        outcome = None
         try:
             if rank == 0:
                 outcome = _rank0(rt, spec, comm)
@@ -347,7 +348,7 @@ def main(argv: list[str]) -> int:
                 steps = follow(MetaTrainer(cfg, comm=comm))
                 outcome = f"followed {steps} steps"
         finally:
-            Comm.leave()
+            Comm.leave(together=outcome is not None and comm.synced)  # every rank then reaches the barrier
     except RankLost as e:
         log.warning("%s", e)
         return ATTEMPT_FAILED
