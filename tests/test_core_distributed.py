@@ -72,7 +72,7 @@ def _rank(comm: Comm, cfg, poisoned, out, steps, resume_from):
         poison(trainer)
     if comm.rank == 0:
         if resume_from:
-            trainer.load_state_dict(*torch.load(resume_from))
+            trainer.load_state_dict(*torch.load(resume_from, weights_only=True))
         comm.sync_state(trainer)
         hist = [trainer.step() for _ in range(steps)]
         comm.stop()
@@ -85,12 +85,12 @@ def _rank(comm: Comm, cfg, poisoned, out, steps, resume_from):
 def run_ranks(tmp_path, cfg, world_size, poisoned=False, steps=None, resume_from=None, name="run"):
     out = str(tmp_path / name)
     run_local(_rank, world_size, cfg, poisoned, out, steps or cfg["outer"]["steps"], resume_from)
-    ranks = [torch.load(f"{out}.rank{r}") for r in range(world_size)]
+    ranks = [torch.load(f"{out}.rank{r}", weights_only=True) for r in range(world_size)]
     for r in range(1, world_size):  # every rank holds the same phi, optimiser state and RNG, bit for bit
         assert ranks[r].keys() == ranks[0].keys()
         for k in ranks[0]:
             assert torch.equal(ranks[r][k], ranks[0][k]), (r, k)
-    res = torch.load(f"{out}.result")
+    res = torch.load(f"{out}.result", weights_only=True)
     return ranks[0], res["hist"], res["checkpoint"]
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import sys
-import time
 import tracemalloc
 import zipfile
 
@@ -45,19 +44,16 @@ def no_decoding(monkeypatch):
     monkeypatch.setattr(ImageFile.ImageFile, "load", load)
 
 
-def test_bomb_refused_from_headers_fast_and_small(no_decoding):
+def test_bomb_refused_from_headers_with_small_memory(no_decoding):
     data = _bomb()
     assert len(data) < 20_000
     tracemalloc.start()
-    t = time.perf_counter()
     with pytest.raises(UploadTooLarge) as e:
         scan_image_zip(data, "bomb.zip")
-    dt = time.perf_counter() - t
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert e.value.status == 413 and e.value.member == "blank/c0/38.png"  # the 17th image in sorted order
     assert "decode to more than 268,435,456 pixels" in str(e.value)
-    assert dt < 1.0, dt
     assert peak < 5 * 2 ** 20, peak  # one 4096x4096 image alone would be 16 MiB
 
 
@@ -126,13 +122,11 @@ def test_defaults_accept_omniglots_background_set(no_decoding):
     files = {f"images_background/Alpha{c // 33}/character{c % 33:02d}/{i:02d}.png": png
              for c in range(964) for i in range(20)}
     data = _zip(files)
-    t = time.perf_counter()
     scan = scan_image_zip(data, "images_background.zip", min_per_class=20)
     s = scan.summary()
     assert (s["images"], s["classes"], s["groups"], s["pixels"]) == (19_280, 964, 30, 212_562_000)
     assert s["image_shape"] == [105, 105]
     assert scan.estimated_bytes > 212_562_000
-    assert time.perf_counter() - t < 10
 
 
 def test_structure_errors_from_headers(no_decoding):
