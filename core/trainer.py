@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch.func import grad, vmap
@@ -108,30 +109,65 @@ class MetaTrainer:
         self.total_steps = int(outer["steps"])
         self.vectorize = ex["vectorize"]  # "auto" is resolved by measurement on the first step
         self._fns = {}
+        self._pool = None  # worker threads of the per-task loop (_map_tasks)
 
     # ------------------------------------------------------------------ per-task updates
     def _batched(self, mode: str, compile: bool | None = None):
         compile = self.config["execution"]["compile"] if compile is None else compile
         key = (mode, compile)
         if key not in self._fns:
-            update = self.algorithm.task_update
             # args: xs, ys, xq, yq and the algorithm's per-task noise, all with a leading task axis
             if mode == "vmap":
+                update = self.algorithm.task_update
                 batched = vmap(lambda meta, args: update(meta, *args), in_dims=(None, 0))
 
                 def fn(meta, *args):
                     return batched(meta, args)
+                if compile:
+                    # dynamo cannot trace jvp-of-grad under vmap (a device mismatch on meta tensors in torch
+                    # 2.13); reverse-over-reverse Hessian-vector products compile
+                    self.algorithm.hvp = "reverse"
+                    fn = torch.compile(fn, dynamic=False)
             else:
+                if compile:
+                    # one task's update is compiled and the loop stays in Python: the graph does not grow with
+                    # the meta-batch (compiling the loop unrolls meta_batch copies of it: > 400 s for conv4)
+                    self.algorithm.hvp = "reverse"
+                    update = torch.compile(self.algorithm.task_update, dynamic=False)
+                else:
+                    update = self.algorithm.eager_task_update
+
                 def fn(meta, *args):
-                    outs = [update(meta, *(a[i] for a in args)) for i in range(args[0].shape[0])]
+                    outs = self._map_tasks(update, meta, args, parallel=not compile)
                     return torch.utils._pytree.tree_map(lambda *t: torch.stack(t), *outs)
-            if compile:
-                # dynamo cannot trace jvp-of-grad under vmap (a device mismatch on meta tensors in torch 2.13);
-                # reverse-over-reverse Hessian-vector products compile
-                self.algorithm.hvp = "reverse"
-                fn = torch.compile(fn, dynamic=False)
             self._fns[key] = fn
         return self._fns[key]
+
+    def _map_tasks(self, update, meta, args, parallel: bool):
+        """``update`` on every task of the batch, in task order. On CPU with ``parallel`` the tasks are split
+        into contiguous shares, one per intra-op thread, each share run by its own thread with one intra-op
+        thread: the per-task graphs are small (a 5-image support, a 75-image query), so two tasks at a time on
+        two cores beat one task at a time on both (1.45x on conv4 MAML, benchmarks/peers.py). The results do
+        not depend on the scheduling (each task's numbers are computed by one thread and stacked in order); they
+        depend on the intra-op thread count, as any run does."""
+        n = args[0].shape[0]
+        workers = min(n, torch.get_num_threads()) if parallel and self.device.type == "cpu" else 1
+
+        def run(tasks):
+            if workers > 1:
+                torch.set_num_threads(1)
+            return [update(meta, *(a[i] for a in args)) for i in tasks]
+
+        if workers <= 1:
+            return run(range(n))
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(workers, thread_name_prefix="metashrink-task")
+        shares = [range(n * w // workers, n * (w + 1) // workers) for w in range(workers)]
+        threads = torch.get_num_threads()
+        try:
+            return [out for part in self._pool.map(run, shares) for out in part]
+        finally:
+            torch.set_num_threads(threads)
 
     def task_updates(self, batch, mode=None):
         """Per-task meta-updates and metrics, each with a leading task axis."""
@@ -179,7 +215,7 @@ class MetaTrainer:
         elif self.vectorize == "auto":
             delta, metrics = self.reduce(*self._choose_vectorization(batch))
             self.apply(delta)
-        elif self.config["execution"]["compile"]:
+        elif self.config["execution"]["compile"] and self.vectorize == "vmap":
             # the whole meta-step (task updates, mean, outer update, metric means) as one compiled graph
             f = torch.tensor(self.lr_factor(), dtype=self.dtype, device=self.device)
             self.meta, self.outer_state, metrics = self._fused(self.vectorize)(self.meta, self.outer_state, f,
