@@ -288,3 +288,36 @@ def test_eager_task_update_equals_the_torch_func_one_float64(arch, name, inner):
     if name == "sigma_maml" and inner != "proximal_gd":
         # the prior is a term of the inner objective: log sigma^2 gets a real meta-gradient to compare
         assert float(ref["log_sigma2"].abs().max()) > 1e-8
+
+
+@pytest.mark.parametrize("variant", ["strided", "maxpool"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv4_one_channel_first_layer_is_the_convolution(variant, channels_last):
+    """Conv4's first layer on grey images is an im2col matrix product (core.models._conv_one_channel): the same
+    function, values and gradients, as F.conv2d, looped and under vmap."""
+    from torch.func import grad, vmap
+    from core.models import Conv4
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    model = Conv4((1, 28, 28), 5, channels=8, variant=variant, channels_last=channels_last).double()
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    x = torch.rand(3, 6, 1, 28, 28, dtype=torch.float64)
+
+    def reference(p, x):
+        stride = 2 if variant == "strided" else 1
+        for i in range(4):
+            x = F.conv2d(x, p[f"conv{i}.weight"], p[f"conv{i}.bias"], stride, 1)
+            x = F.relu(F.batch_norm(x, None, None, p[f"bn{i}.weight"], p[f"bn{i}.bias"], True, 0.0, 1e-5))
+            if variant == "maxpool" and x.shape[-1] >= 2:
+                x = F.max_pool2d(x, 2)
+        return F.linear(x.flatten(1), p["head.weight"], p["head.bias"])
+
+    def loss(f):
+        return lambda p, x: (f(p, x) ** 2).sum()
+
+    for i in range(3):
+        assert torch.allclose(model.functional(params, x[i]), reference(params, x[i]), atol=1e-12, rtol=0)
+    g = vmap(grad(loss(model.functional)), in_dims=(None, 0))(params, x)
+    g_ref = vmap(grad(loss(reference)), in_dims=(None, 0))(params, x)
+    for k in params:
+        assert torch.allclose(g[k], g_ref[k], atol=1e-11, rtol=0), k
