@@ -27,6 +27,8 @@ Contenders:
   mode of each in benchmarks/core_bench.py), with its ``sample`` replaced by one returning the shared batch.
 - ``torchopt`` (loop): ``torchopt.MetaSGD`` on the nn.Module, per-task inner loop, ``extract_state_dict`` /
   ``recover_state_dict`` between tasks (torchopt's few-shot MAML example), per-task backward.
+- ``torchopt-cl`` (conv4 only): the same with the model and its inputs in channels-last memory (ours' default
+  layout for conv4), so that the layout is not what separates ours from the peers.
 - ``torchopt-vmap``: ``torchopt.sgd`` functional updates, ``torch.func.grad`` inner gradients, ``torch.func.vmap``
   over the tasks and ``functional_call`` (torchopt's FuncTorch MAML example).
 - ``higher``: ``higher.innerloop_ctx`` (copy_initial_weights=False) with a ``torch.optim.SGD``, per-task loop and
@@ -82,7 +84,8 @@ from benchmarks.machine import commit as code_commit, cpu_name  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Peers"
-PEER_NAMES = ("torchopt", "torchopt-vmap", "higher")
+PEER_NAMES = ("torchopt", "torchopt-cl", "torchopt-vmap", "higher")
+CONV_ONLY = ("torchopt-cl",)  # peers that exist for the conv4 workloads only
 ALGS = ("maml", "sigma_maml")
 LOG_S2_MIN, LOG_S2_MAX = math.log(1e-5), math.log(1e5)  # the clip range of sigma^2 (App. D.2)
 IG_BETA = 1e-5   # schemas default ig_beta
@@ -159,7 +162,11 @@ class PeerConv4(nn.Module):
             side = (side + 1) // 2
         self.head = nn.Linear(channels * side * side, ways)
 
+    channels_last = False  # the torchopt-cl contender: channels-last parameters and inputs
+
     def forward(self, x):
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         for i in range(4):
             x = F.relu(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x)))
         return self.head(x.flatten(1))
@@ -338,6 +345,16 @@ class TorchoptLoop(_Peer):
         return total / B
 
 
+class TorchoptLoopChannelsLast(TorchoptLoop):
+    """torchopt (loop) with the model and its inputs in channels-last memory, as ours runs conv4 by default."""
+    name = "torchopt-cl"
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.net.to(memory_format=torch.channels_last)
+        self.net.channels_last = True
+
+
 class TorchoptVmap(_Peer):
     """torchopt.sgd functional updates + torch.func.grad, vmapped over the tasks (torchopt's FuncTorch example)."""
     name = "torchopt-vmap"
@@ -406,8 +423,10 @@ class Higher(_Peer):
         return total / B
 
 
-PEERS = {"torch": TorchRef, "torchopt": TorchoptLoop, "torchopt-vmap": TorchoptVmap, "higher": Higher}
-PEER_MODULE = {"torch": None, "torchopt": "torchopt", "torchopt-vmap": "torchopt", "higher": "higher"}
+PEERS = {"torch": TorchRef, "torchopt": TorchoptLoop, "torchopt-cl": TorchoptLoopChannelsLast,
+         "torchopt-vmap": TorchoptVmap, "higher": Higher}
+PEER_MODULE = {"torch": None, "torchopt": "torchopt", "torchopt-cl": "torchopt", "torchopt-vmap": "torchopt",
+               "higher": "higher"}
 
 
 def available(name: str) -> bool:
@@ -630,21 +649,22 @@ def markdown(info, checks, timings, command, wall, notes) -> str:
          "others shows up as an outlier in the range; the median is robust to a few of them. An empty cell is a peer left out because its meta-gradient differs from ours (gradient table "
          "below).", "",
          "### Meta-step on a given batch (compute only)", "",
-         "| workload | algorithm | torchopt (loop) ms | torchopt (vmap) ms | higher ms | ours ms | ratio ours / best peer | CPU ratio | n |",
-         "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+         "| workload | algorithm | torchopt (loop) ms | torchopt (loop, channels-last) ms | torchopt (vmap) ms | higher ms | ours ms | ratio ours / best peer | CPU ratio | n |",
+         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for t in timings:
         L.append(f"| {WORKLOADS[t['workload']]['label']} | {t['alg']} | {_cell(t, 'median_ms', 'torchopt')} | "
-                 f"{_cell(t, 'median_ms', 'torchopt-vmap')} | {_cell(t, 'median_ms', 'higher')} | "
+                 f"{_cell(t, 'median_ms', 'torchopt-cl')} | {_cell(t, 'median_ms', 'torchopt-vmap')} | {_cell(t, 'median_ms', 'higher')} | "
                  f"{_f(t['median_ms']['ours'])} | {_range(t, 'ratios')} | {_range(t, 'cpu_ratios')} | {t['repeats']} |")
     L += ["", "### End-to-end meta-step including task sampling", "",
           "ours: the unmodified `MetaTrainer.step()` on a second trainer of the same config (it draws its own tasks), "
           "timed in every repeat among the others. A peer: that repeat's sampling time (Metashrink's sampler, the same "
           "call) plus its compute step.", "",
-          "| workload | algorithm | sampling ms | torchopt (loop) ms | torchopt (vmap) ms | higher ms | ours ms | ratio ours / best peer |",
-          "|---|---|---:|---:|---:|---:|---:|---:|"]
+          "| workload | algorithm | sampling ms | torchopt (loop) ms | torchopt (loop, channels-last) ms | torchopt (vmap) ms | higher ms | ours ms | ratio ours / best peer |",
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for t in timings:
         L.append(f"| {WORKLOADS[t['workload']]['label']} | {t['alg']} | {_f(t['sample_ms'], '{:.2f}')} | "
-                 f"{_cell(t, 'e2e_ms', 'torchopt')} | {_cell(t, 'e2e_ms', 'torchopt-vmap')} | "
+                 f"{_cell(t, 'e2e_ms', 'torchopt')} | {_cell(t, 'e2e_ms', 'torchopt-cl')} | "
+                 f"{_cell(t, 'e2e_ms', 'torchopt-vmap')} | "
                  f"{_cell(t, 'e2e_ms', 'higher')} | {_f(t['e2e_ms']['ours'])} | {_range(t, 'e2e_ratios')} |")
     L += ["", "Per repeat (compute, wall): the ratios, the fastest peer, the best (min) ms of each contender, and "
           "the 1-minute load. Lockstep: every contender got the same batches, so all train the same parameters. "
@@ -715,9 +735,14 @@ NOTES = [
     "the outer gradient *inside* the vmap (vmap of grad, what MetaTrainer's vmap mode does: it matches its loop "
     "mode to 6e-16), agrees with the loop to 1e-17. Probably the batch-norm backward batching rule "
     "(pytorch/functorch issue 534, open). Sinusoid (no batch-norm) is unaffected and timed.",
-    "Not measured here: why ours is slower than the loop peers on conv4. The per-task work is the same "
-    "unrolled second-order graph (the gradients agree to 1e-15), but ours builds it with torch.func transforms "
-    "(grad of a function that calls grad) and the peers with torch.autograd.grad(create_graph=True).",
+    "What ours does on conv4 (core/trainer.py `_map_tasks`, core/algorithms.py `Backprop.eager_task_update`, "
+    "core/models.py): the per-task loop runs its tasks on parallel threads, one per intra-op thread (here 2), "
+    "each with one intra-op thread; each task's update is plain autograd (torch.autograd.grad with "
+    "create_graph, like the peers; torch.func's grad of grad cost ~20% more); the convolutions run on "
+    "channels-last memory (`model.channels_last`, default true) and the first layer of a one-channel input is "
+    "an im2col matrix product (oneDNN's one-channel convolution ran at ~9 GFLOP/s). Same function and "
+    "meta-gradient (table above). The peers run as their examples write them: NCHW, one task at a time on both "
+    "intra-op threads.",
     "ours runs vmap for sinusoid and the per-task loop for conv4 (execution.vectorize; the faster of the two for "
     "each in benchmarks/core_bench.py); torchopt runs both ways (loop: MetaSGD; vmap: functional torchopt.sgd + "
     "torch.func), higher has no vmap form.",
@@ -728,6 +753,10 @@ NOTES = [
 # on 2 shared cores however busy they are (a repeat of omniglot-5 is 4 meta-steps of 2.5-10 s each)
 SCHEDULE = {"sinusoid": (15, 40, 25.0), "omniglot-1": (7, 15, 90.0), "omniglot-5": (5, 9, 170.0)}
 SCHEDULE_QUICK = {"sinusoid": (3, 3, 0.0), "omniglot-1": (1, 1, 0.0), "omniglot-5": (0, 0, 0.0)}
+
+
+def peers_for(workload: str, peers: list) -> list:
+    return [p for p in peers if WORKLOADS[workload]["family"] != "sinusoid" or p not in CONV_ONLY]
 
 
 def check_meta_batch(workload: str, quick: bool) -> int:
@@ -785,7 +814,7 @@ def main(argv=None):
         for alg in args.algs:
             t0 = time.perf_counter()
             mb = check_meta_batch(w, args.quick)
-            c = gradient_check(w, alg, ["torch"] + peers, meta_batch=mb)
+            c = gradient_check(w, alg, ["torch"] + peers_for(w, peers), meta_batch=mb)
             print(f"[check {w} {alg} {time.perf_counter() - t0:.1f} s] {json.dumps(c)}", flush=True)
             checks.append(c)
     excluded = {}
@@ -799,7 +828,8 @@ def main(argv=None):
             continue
         for alg in args.algs:
             t0 = time.perf_counter()
-            t = time_workload(w, alg, [p for p in peers if p not in excluded.get((w, alg), [])], *schedule[w])
+            t = time_workload(w, alg, [p for p in peers_for(w, peers) if p not in excluded.get((w, alg), [])],
+                              *schedule[w])
             t["excluded"] = excluded.get((w, alg), [])
             print(f"[time {w} {alg} {time.perf_counter() - t0:.1f} s] {json.dumps(t)}", flush=True)
             timings.append(t)
