@@ -114,7 +114,7 @@ def _conv_one_channel(x, weight, bias, stride):
     k = weight.shape[-1]
     ho, wo = (h + 2 - k) // stride + 1, (w + 2 - k) // stride + 1
     cols = F.unfold(x, k, padding=1, stride=stride)  # [n, k*k, ho*wo]
-    out = cols.transpose(1, 2) @ weight.reshape(weight.shape[0], -1).t() + bias  # [n, ho*wo, c]
+    out = F.linear(cols.transpose(1, 2), weight.reshape(weight.shape[0], -1), bias)  # [n, ho*wo, c]: one addmm
     return out.view(n, ho, wo, -1).permute(0, 3, 1, 2)
 
 
