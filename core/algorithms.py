@@ -108,6 +108,7 @@ class Algorithm:
     learns_sigma = False   # log sigma^2 is meta-learned
     uses_prior = False     # adaptation is regularised toward phi with the prior's sigma^2
     custom_adapt = False   # MetaModel.adapt uses this algorithm's own inner rule
+    thread_safe = True     # eager_task_update may run for several tasks at once on parallel threads
 
     def __init__(self, learner: Learner, cfg: dict):
         self.learner, self.cfg = learner, cfg
@@ -243,6 +244,11 @@ class Backprop(Algorithm):
 
 class _ImplicitMixin:
     hvp = "forward"  # Hessian-vector products by jvp of grad; "reverse" (vjp of grad) under torch.compile
+
+    @property
+    def thread_safe(self):
+        # forward-mode AD levels are process-wide, not per thread: jvp on two threads at once fails
+        return self.hvp != "forward"
     def implicit(self, meta, theta, xs, ys, xq, yq, damping):
         """u = H^-1 g_val with H = Hess(l_data) + Sigma^-1 + damping I (Eq. 48), preconditioned by
         P = diag(max(lambda_m / 1e3, 1)) (App. D.2), lambda_m = w / sigma_m^2 (``Learner.lam_modules``). Returns u,

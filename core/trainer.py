@@ -151,7 +151,8 @@ class MetaTrainer:
         not depend on the scheduling (each task's numbers are computed by one thread and stacked in order); they
         depend on the intra-op thread count, as any run does."""
         n = args[0].shape[0]
-        workers = min(n, torch.get_num_threads()) if parallel and self.device.type == "cpu" else 1
+        parallel = parallel and self.device.type == "cpu" and self.algorithm.thread_safe
+        workers = min(n, torch.get_num_threads()) if parallel else 1
 
         def run(tasks):
             if workers > 1:

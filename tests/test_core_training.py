@@ -132,6 +132,32 @@ def test_auto_vectorisation_is_measured_and_recorded():
     assert t.state_dict()[1]["vectorize"] == t.vectorize
 
 
+@pytest.mark.parametrize("alg", ["maml", "sigma_maml", "sigma_imaml", "sigma_reptile", "meta_sgd"])
+def test_threaded_per_task_loop_is_the_vmapped_batch_in_task_order(alg):
+    """vectorize "loop" on CPU runs its tasks on parallel threads (one intra-op thread each, then the caller's
+    thread count is restored): the same per-task updates as vmap, in task order, in float64."""
+    cfg = sinusoid_cfg(alg, steps=2, outer={"meta_batch": 5}, execution={"vectorize": "loop", "dtype": "float64"})
+    trainer = MetaTrainer(cfg)
+    batch = trainer._with_noise(trainer.sample())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        looped = trainer.task_updates(batch, "loop")
+        assert torch.get_num_threads() == 2
+        # the tasks ran on two threads, except for jvp users (forward-mode AD levels are process-wide)
+        assert (trainer._pool is not None and trainer._pool._max_workers == 2) == trainer.algorithm.thread_safe
+        assert trainer.algorithm.thread_safe == (alg not in ("sigma_imaml", "sigma_reptile"))
+    finally:
+        torch.set_num_threads(threads)
+    vmapped = trainer.task_updates(batch, "vmap")
+    flat = torch.utils._pytree.tree_leaves
+    for a, b in zip(flat(looped), flat(vmapped)):
+        assert a.shape == b.shape and a.shape[:1] == (5,)
+        assert torch.allclose(a, b, atol=1e-12, rtol=1e-10)
+    # tasks differ, so a permuted order could not pass
+    assert not torch.allclose(looped[1]["query_loss"][0], looped[1]["query_loss"][1])
+
+
 @pytest.mark.parametrize("alg", ["maml", "fomaml", "sigma_maml", "imaml", "sigma_imaml", "reptile", "sigma_reptile"])
 def test_every_algorithm_trains_and_logs(alg):
     t = MetaTrainer(sinusoid_cfg(alg, steps=3))
