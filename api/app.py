@@ -8,7 +8,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from schemas import JobConfig
-from schemas.api import AdaptRequest, EvaluationRequest, KeyCreate, PredictRequest
+from schemas.api import AdaptRequest, BatchPredictRequest, EvaluationRequest, KeyCreate, PredictRequest
 from store.artifacts import make_store
 from store.db import Database
 from store.settings import Settings
@@ -53,14 +53,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for r in ROUTERS:
         app.include_router(r.router)
     install_metrics(app)
-    install_openapi(app, (JobConfig, AdaptRequest, EvaluationRequest, PredictRequest, KeyCreate), _errors_for)
+    install_openapi(app, (JobConfig, AdaptRequest, EvaluationRequest, PredictRequest, BatchPredictRequest, KeyCreate),
+                    _errors_for)
     _document_caps(app, settings)
     return app
 
 
 def _document_caps(app: FastAPI, settings: Settings) -> None:
     """This server's caps (its settings) in its document, so that a request the document admits is never refused
-    for a number the document does not state: rows of adapt and predict, adapt and evaluation steps."""
+    for a number the document does not state: rows of adapt and predict, adapt and evaluation steps, adapters of
+    a batch predict (its total rows, a sum over items, JSON Schema cannot state: that 422 is a rule of its own)."""
     build = app.openapi
 
     def openapi():
@@ -71,6 +73,8 @@ def _document_caps(app: FastAPI, settings: Settings) -> None:
         for name, fields in (("SupportSet", ("x", "y")), ("QuerySet", ("x",)), ("PredictRequest", ("x",))):
             for f in fields:
                 comps[name]["properties"][f]["maxItems"] = settings.adapt_max_rows
+        comps["BatchPredictItem"]["properties"]["x"]["maxItems"] = settings.adapt_max_rows
+        comps["BatchPredictRequest"]["properties"]["items"]["maxItems"] = settings.adapt_batch_max_items
         comps["AdaptRequest"]["properties"]["steps"]["maximum"] = settings.adapt_max_steps
         comps["EvaluationRequest"]["properties"]["steps"]["items"]["maximum"] = settings.adapt_max_steps
         return doc
@@ -80,11 +84,14 @@ def _document_caps(app: FastAPI, settings: Settings) -> None:
 
 BODY_ROUTES = {("/v1/jobs", "post"), ("/v1/models/{model_id}/adapt", "post"), ("/v1/datasets", "post"),
                ("/v1/models/{model_id}/evaluations", "post"), ("/v1/adapters/{adapter_id}/predict", "post"),
-               ("/v1/admin/keys", "post")}
+               ("/v1/adapters/predict", "post"), ("/v1/admin/keys", "post")}
 # deletes that a dependent resource can refuse (409; the rules in store/lifecycle.py)
 CONFLICT_DELETES = {"/v1/jobs/{job_id}", "/v1/models/{model_id}", "/v1/checkpoints/{ckpt_id}",
                     "/v1/datasets/{dataset_id}"}
-ADAPT_ROUTES = {("/v1/models/{model_id}/adapt", "post"), ("/v1/adapters/{adapter_id}/predict", "post")}
+ADAPT_ROUTES = {("/v1/models/{model_id}/adapt", "post"), ("/v1/adapters/{adapter_id}/predict", "post"),
+                ("/v1/adapters/predict", "post")}
+# routes that name other resources in their body: 404 when one is not the caller's
+BODY_REFERENCES = {("/v1/adapters/predict", "post")}
 
 
 def _errors_for(path: str, method: str, op: dict) -> set:
@@ -92,7 +99,7 @@ def _errors_for(path: str, method: str, op: dict) -> set:
     codes = set()
     if path.startswith("/v1/"):
         codes.add(401)
-        if "{" in path:
+        if "{" in path or (path, method) in BODY_REFERENCES:
             codes.add(404)
         if op.get("parameters") or op.get("requestBody"):
             codes.add(422)

@@ -11,6 +11,7 @@ import time
 import uuid
 
 from fastapi import FastAPI
+from fastapi.responses import Response
 
 from store import jobs as Q
 from store.settings import Settings
@@ -106,7 +107,7 @@ def _alive(pid: int) -> bool:
 
 
 # --------------------------------------------------------------------------- adapt requests
-def _send_and_wait(app: FastAPI, tenant: str, target_id: str, payload: dict, task: str, route: str):
+def _send_and_wait(app: FastAPI, tenant: str, target_id: str | None, payload: dict, task: str, route: str):
     from redis.exceptions import RedisError
 
     from worker.celery_app import ADAPT_QUEUE
@@ -118,8 +119,10 @@ def _send_and_wait(app: FastAPI, tenant: str, target_id: str, payload: dict, tas
     slot = f"metashrink:adapt-inflight:{tenant}"
     unavailable = ApiError(503, "the broker is unavailable; retry shortly", headers={"Retry-After": "5"})
     try:
-        n = r.incr(slot)
-        r.expire(slot, int(settings.adapt_timeout) + 60)  # a crashed API process cannot hold slots forever
+        pipe = r.pipeline(transaction=False)  # one round trip
+        pipe.incr(slot)
+        pipe.expire(slot, int(settings.adapt_timeout) + 60)  # a crashed API process cannot hold slots forever
+        n = pipe.execute()[0]
     except RedisError:
         raise unavailable from None
     try:
@@ -131,8 +134,10 @@ def _send_and_wait(app: FastAPI, tenant: str, target_id: str, payload: dict, tas
         t0 = time.perf_counter()
         deadline = time.monotonic() + settings.adapt_timeout
         try:
-            app.state.celery.send_task(task, args=[rid, target_id, pack(payload)], queue=ADAPT_QUEUE,
-                                       expires=settings.adapt_timeout)
+            args = [rid, pack(payload)] if target_id is None else [rid, target_id, pack(payload)]
+            # argsrepr: the arrays' base64 is no use in a log line, and Celery's repr of it costs per request
+            app.state.celery.send_task(task, args=args, queue=ADAPT_QUEUE, expires=settings.adapt_timeout,
+                                       argsrepr=f"[{rid!r}, {target_id!r}, ...]", kwargsrepr="{}")
         except Exception:  # kombu's OperationalError and friends: the broker is down
             log.exception("adapt request %s: send failed", rid)
             raise unavailable from None
@@ -154,25 +159,43 @@ def _send_and_wait(app: FastAPI, tenant: str, target_id: str, payload: dict, tas
     return got
 
 
-def run_adapt(app: FastAPI, tenant: str, target_id: str, payload: dict, task: str | None = None):
-    """Send one adapt (or adapter predict) request to the adapt queue and wait for its reply until the
-    request's deadline (``adapt_timeout``): 504 after it, 503 while the broker is unreachable, 429 when the
-    tenant already has ``adapt_tenant_concurrency`` requests in flight. The message expires at the deadline,
-    so a worker that reaches it late drops it instead of running work nobody waits for."""
+def run_adapt(app: FastAPI, tenant: str, target_id: str | None, payload: dict, task: str | None = None):
+    """Send one adapt (or adapter predict, or batch predict: ``target_id`` None) request to the adapt queue and
+    wait for its reply until the request's deadline (``adapt_timeout``): 504 after it, 503 while the broker is
+    unreachable, 429 when the tenant already has ``adapt_tenant_concurrency`` requests in flight. The message
+    expires at the deadline, so a worker that reaches it late drops it instead of running work nobody waits for.
+
+    The answer is the worker's JSON as it came (a Response): decoding it and encoding it again through the route's
+    response model cost about a millisecond per thousand numbers; the worker builds it in that model's shape."""
     from worker.celery_app import ADAPT
 
-    route = "adapt" if task is None else "adapter_predict"
+    route = "adapt" if task is None else "adapter_predict" if target_id is not None else "adapters_predict"
     try:
         got = _send_and_wait(app, tenant, target_id, payload, task or ADAPT, route)
     except ApiError as e:
         if e.status in (429, 503, 504):
             ADAPT_REJECTED.labels(route, str(e.status)).inc()
         raise
+    if got[1].startswith(b"ok\n"):  # the worker's answer, already the response body (its route's response model)
+        return Response(got[1][3:], media_type="application/json")
     out = json.loads(got[1])
-    if not out.pop("ok"):
-        if out["status"] == 422:
-            raise unprocessable(out.get("loc") or ["body"], out["message"])
-        if out["status"] in (404, 410):  # deleted meanwhile; its file gone
-            raise ApiError(out["status"], out["message"])
-        raise ApiError(500, f"adaptation failed: {out['message']}")
-    return out
+    if out.pop("ok"):  # a worker of the version before: a JSON object with "ok": true
+        return out
+    if out["status"] == 422:
+        raise unprocessable(out.get("loc") or ["body"], out["message"])
+    if out["status"] in (404, 410):  # deleted meanwhile; its file gone
+        raise ApiError(out["status"], out["message"])
+    raise ApiError(500, f"adaptation failed: {out['message']}")
+
+
+def announce_eviction(app: FastAPI, kind: str, id_: str) -> None:
+    """Tell the adapt processes that a model or adapter is gone (worker/resident.py drops what it holds of it). A
+    broker that is down loses the message: the processes sweep against the database when they subscribe again,
+    and a deleted id is refused (404) before anything reaches them."""
+    from redis.exceptions import RedisError
+
+    from worker.redis_util import EVICT_CHANNEL
+    try:
+        app.state.redis.publish(EVICT_CHANNEL, f"{kind}:{id_}")
+    except RedisError:
+        log.warning("eviction of %s %s not announced (broker unreachable)", kind, id_)

@@ -44,11 +44,17 @@ def problem(status: int, detail: str, errors: list | None = None, headers=None) 
 
 def allowed_methods(request: Request, starlette_allow: str | None) -> str:
     """The ``Allow`` header of a 405: Starlette's (the methods of the first route matching the path) and those
-    of every operation the OpenAPI document has for a path template matching the request's path."""
+    of every operation the OpenAPI document has for a path template matching the request's path. A concrete
+    path of the document (``/v1/adapters/predict``) is matched before the templates it also fits
+    (``/v1/adapters/{adapter_id}``), as OpenAPI matches them: its own methods alone."""
     import re
     methods = {m.strip().upper() for m in (starlette_allow or "").split(",") if m.strip()}
     path = request.scope["path"][len(request.scope.get("root_path", "")):] or "/"
-    for template, item in request.app.openapi().get("paths", {}).items():
+    paths = request.app.openapi().get("paths", {})
+    if path in paths:
+        methods = {m.upper() for m in paths[path] if m in ("get", "put", "post", "delete", "patch", "options", "head")}
+        paths = {}
+    for template, item in paths.items():
         pattern = "".join("[^/]+" if part.startswith("{") else re.escape(part)
                           for part in re.split(r"(\{[^}/]+\})", template))
         if re.fullmatch(pattern, path):

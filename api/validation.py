@@ -8,7 +8,7 @@ import numpy as np
 from .errors import unprocessable
 
 
-def as_array(value, field: str, integer: bool = False) -> np.ndarray:
+def as_array(value, field, integer: bool = False) -> np.ndarray:
     try:
         arr = np.array(value)
     except (ValueError, TypeError):
@@ -32,7 +32,7 @@ def as_array(value, field: str, integer: bool = False) -> np.ndarray:
     return arr
 
 
-def check_inputs(arr: np.ndarray, field: str, input_shape: tuple) -> np.ndarray:
+def check_inputs(arr: np.ndarray, field, input_shape: tuple) -> np.ndarray:
     want = tuple(input_shape)
     if arr.ndim == 1 and want == (1,):
         arr = arr[:, None]

@@ -33,7 +33,8 @@ def job_config(steps: int) -> dict:
 
 
 class Serve:
-    def __init__(self, data: Path, log: Path):
+    def __init__(self, data: Path, log: Path, args: tuple = ()):
+        """``args``: more ``metashrink serve`` arguments (e.g. ``("--adapt-workers", "2")``)."""
         self.data, self.port = data, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("METASHRINK_")}
@@ -42,7 +43,7 @@ class Serve:
         # stdout and stderr to the log file: a pipe nobody drains would fill with access-log lines and stall
         # the server
         self.proc = subprocess.Popen([sys.executable, "-m", "client.cli", "serve", "--data-dir", str(data),
-                                      "--port", str(self.port)], cwd=ROOT, env=env, stdout=self.log,
+                                      "--port", str(self.port), *args], cwd=ROOT, env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT)
         self.key, t0 = None, time.monotonic()
         while self.key is None and self.proc.poll() is None and time.monotonic() - t0 < 120:

@@ -40,6 +40,8 @@ def cmd_serve(a):
     the workers as children that die with this process and are restarted when they exit, then the API."""
     from worker.embedded import AlreadyServing, Child, DataDirLock, Supervisor, redis_command, start_process
 
+    if a.adapt_workers is not None and a.adapt_workers < 1:
+        sys.exit("metashrink serve: --adapt-workers must be at least 1")
     settings = _settings(a.data_dir)
     data = Path(settings.data_dir).resolve()
     url = f"http://{a.host}:{a.port}"
@@ -54,6 +56,8 @@ def cmd_serve(a):
     _migrate(settings)
     os.environ["METASHRINK_DATA_DIR"] = str(data)
     os.environ["METASHRINK_REAP_LOCAL_LEASES"] = "1"  # every worker is our child: a dead one's jobs re-queue at once
+    if a.adapt_workers is not None:
+        os.environ["METASHRINK_ADAPT_CONCURRENCY"] = str(a.adapt_workers)
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:  # one metrics directory for this process tree
         prom = data / "prometheus"  # (store.telemetry); emptied, its files are the last run's per-pid counters
         shutil.rmtree(prom, ignore_errors=True)
@@ -311,6 +315,9 @@ def main(argv=None):
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--data-dir", default=None)
     s.add_argument("--tenant", default="default")
+    s.add_argument("--adapt-workers", type=int, default=None, metavar="N",
+                   help="adapt worker processes (each adapts one request at a time, one torch thread; default "
+                        "METASHRINK_ADAPT_CONCURRENCY or 1); about one per core the adapt traffic may use")
     s.set_defaults(fn=cmd_serve)
 
     m = sub.add_parser("migrate", help="upgrade the database to the latest schema")

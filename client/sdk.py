@@ -249,6 +249,16 @@ class Client:
     def predict(self, adapter_id: str, x) -> dict:
         return self._call("POST", f"/v1/adapters/{adapter_id}/predict", json={"x": x})
 
+    def predict_many(self, items) -> list:
+        """Predictions of many stored adapters in one request (``POST /v1/adapters/predict``): ``items`` are
+        ``(adapter_id, x)`` pairs or ``{"adapter_id", "x"}`` dicts; returns the predictions, one list per item, in
+        their order. ``x`` may be a numpy array or nested lists."""
+        body = []
+        for it in items:
+            aid, x = (it["adapter_id"], it["x"]) if isinstance(it, dict) else it
+            body.append({"adapter_id": aid, "x": x.tolist() if hasattr(x, "tolist") else x})
+        return [r["predictions"] for r in self._call("POST", "/v1/adapters/predict", json={"items": body})["items"]]
+
     def predict_images(self, adapter_id: str, paths) -> dict:
         """Predict with a stored adapter from image files as they are (multipart ``x``)."""
         return self._call("POST", f"/v1/adapters/{adapter_id}/predict", files=_parts("x", paths))

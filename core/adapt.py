@@ -6,6 +6,7 @@ endpoint: only the selected modules move (the rest stay at phi), regularised by 
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -78,6 +79,51 @@ class AdaptResult:
         return {k: self.params[k] for k in names}
 
 
+class _FlatPlan:
+    """The adapted tensors of one module choice as one flat vector: their sizes and shapes, phi's values of them
+    as a flat ``center``, the frozen rest, and (per support-set size) the flat prior precision. Built once per
+    module choice and kept by the meta-model, so a request pays for none of it; rebuilt when phi is replaced or
+    one of its adapted tensors changed in place (``fresh``), the precisions when log sigma^2 did."""
+
+    def __init__(self, phi: dict, names):
+        self.phi = phi
+        self.names = list(names)
+        self.versions = [phi[k]._version for k in self.names]
+        self.sizes = [phi[k].numel() for k in self.names]
+        self.shapes = [tuple(phi[k].shape) for k in self.names]
+        ref = next(iter(phi.values()))
+        self.center = (torch.cat([phi[k].reshape(-1) for k in self.names]) if self.names
+                       else torch.zeros(0, dtype=ref.dtype, device=ref.device))
+        chosen = set(self.names)
+        self.frozen = {k: v for k, v in phi.items() if k not in chosen}
+        self._lam: dict = {}
+        self._lam_of = None
+
+    def fresh(self, phi: dict) -> bool:
+        return phi is self.phi and all(phi[k]._version == v for k, v in zip(self.names, self.versions))
+
+    def unflat(self, flat: torch.Tensor, copy: bool = False) -> dict:
+        """name -> view of ``flat`` (``copy``: tensors of their own, e.g. to save with safetensors)."""
+        parts = flat.split(self.sizes)
+        if copy:
+            return {k: t.view(s).clone() for k, t, s in zip(self.names, parts, self.shapes)}
+        return {k: t.view(s) for k, t, s in zip(self.names, parts, self.shapes)}
+
+    def lam(self, mm: "MetaModel", n_examples: int) -> torch.Tensor:
+        """``mm.lam`` for ``n_examples`` support examples as one flat vector (each tensor's lambda repeated)."""
+        ls = mm.log_sigma2
+        if self._lam_of is None or self._lam_of[0] is not ls or self._lam_of[1] != ls._version:
+            self._lam, self._lam_of = {}, (ls, ls._version)
+        out = self._lam.get(n_examples)
+        if out is None:
+            lam = mm.lam(self.names, n_examples)
+            out = torch.cat([lam[k].reshape(()).expand(n) for k, n in zip(self.names, self.sizes)])
+            self._lam[n_examples] = out
+            while len(self._lam) > 16:
+                self._lam.pop(next(iter(self._lam)))
+        return out
+
+
 class MetaModel:
     """``extra``: the algorithm's own meta-learned tensors (Meta-SGD's learning rates, T-net's T, ...). For
     those algorithms (``custom_adapt``) ``adapt`` and ``predict`` run the algorithm's own inner rule and
@@ -106,6 +152,8 @@ class MetaModel:
         self.uses_prior = self.learns_sigma or self.algorithm == "imaml"
         self.extra = {k: v.to(self.device) for k, v in (extra or {}).items()}
         self.rule = None  # the algorithm, where it brings its own adaptation rule
+        self._plans: dict = {}  # module choice -> _FlatPlan (adapt's flat vector layout)
+        self._selected = None  # (log_sigma2, its version, config["modules"], selected module names)
         if self.algorithm in BASELINES:
             inner = config["inner"]
             learner = Learner(self.model, self.family, self.partition,
@@ -144,7 +192,12 @@ class MetaModel:
                          m.get("min_gap", MIN_GAP))
 
     def selected_modules(self) -> list:
-        return self.selection()["selected"]
+        """``selection()["selected"]``, computed once per value of log sigma^2 (every adapt request asks)."""
+        ls, mods = self.log_sigma2, self.config["modules"]
+        c = self._selected
+        if c is None or c[0] is not ls or c[1] != ls._version or c[2] != mods:
+            c = self._selected = (ls, ls._version, copy.deepcopy(mods), self.selection()["selected"])
+        return list(c[3])
 
     def module_map(self) -> list:
         """One entry per module: name, size, sigma^2 and whether it is selected; every entry also carries the
@@ -187,11 +240,17 @@ class MetaModel:
         return self.family.loss(self.forward(params, x), y)
 
     def adapt(self, xs, ys, steps: int | None = None, modules="selected", lr: float | None = None,
-              on_step=None) -> AdaptResult:
+              on_step=None, interrupt=None) -> AdaptResult:
         """Adapt the chosen modules to the support set (xs, ys) for ``steps`` inner steps (the job's inner
         optimizer and learning rate unless ``lr`` is given). ``on_step(step, params)`` is called with the full
         parameter dict before the first step (step 0) and after every step, e.g. to score a query set along
-        the way (evaluation schedules) without re-running the adaptation."""
+        the way (evaluation schedules) without re-running the adaptation. ``interrupt(step)`` is called before
+        every step with nothing else (cheap: no parameter dict is built for it); whatever it raises stops the
+        adaptation (the service's deadline).
+
+        The adapted tensors move as one flat vector (``_FlatPlan``): the inner optimizer updates it with a few
+        vector operations instead of a few per tensor, the same elementwise arithmetic, so the result is that of
+        the optimizer applied tensor by tensor, to the bit."""
         inner = self.config["inner"]
         steps = inner["steps"] if steps is None else int(steps)
         if not 0 <= steps <= MAX_ADAPT_STEPS:
@@ -200,25 +259,77 @@ class MetaModel:
         chosen = self.resolve_modules(modules)
         names = self.partition.param_names(chosen)
         if self.rule is not None:
-            return self._adapt_rule(xs, ys, steps, chosen, names, lr, on_step)
+            return self._adapt_rule(xs, ys, steps, chosen, names, lr, on_step, interrupt)
         opt = build_optimizer(inner["optimizer"], lr or inner["lr"], inner["betas"], inner["eps"])
-        lam = self.lam(names, xs.shape[0])
-        frozen = {k: v for k, v in self.phi.items() if k not in names}
+        plan = self._plan(names)
+        n = xs.shape[0]
+        lam = self.lam(names, n)
+        lam_flat = plan.lam(self, n) if lam else None
+        frozen = plan.frozen
         center = {k: self.phi[k] for k in names}
-        theta = dict(center)
-        state = [opt.init(theta) if theta else {}]
+        state = [opt.init({"": plan.center}) if names else {}]
+        fcenter = {"": plan.center}
+        fam, model = self.family, self.model
 
         def objective(params, leaves):
-            loss = self.loss(params, xs, ys)
+            loss = fam.loss(apply(model, params, xs), ys)
             return loss, (loss + prior_penalty(leaves, center, lam) if (lam and not opt.proximal) else loss)
 
-        def update(theta, grads):
-            theta, state[0] = opt.update(grads, state[0], theta, center, lam)
-            return theta
+        def update(flat, grad):
+            new, state[0] = opt.update({"": grad}, state[0], {"": flat}, fcenter, {"": lam_flat} if lam else None)
+            return new[""]
 
-        return self._steps(frozen, theta, steps, chosen, objective, update, on_step)
+        return self._flat_steps(plan, plan.center, steps, chosen, objective, update, on_step, interrupt)
 
-    def _steps(self, frozen, theta, steps, chosen, objective, update, on_step) -> AdaptResult:
+    def _plan(self, names) -> "_FlatPlan":
+        key = tuple(names)
+        plan = self._plans.get(key)
+        if plan is None or not plan.fresh(self.phi):
+            self._plans.pop(key, None)
+            plan = self._plans[key] = _FlatPlan(self.phi, names)
+            while len(self._plans) > 32:
+                self._plans.pop(next(iter(self._plans)))
+        return plan
+
+    def _flat_steps(self, plan, flat, steps, chosen, objective, update, on_step, interrupt) -> AdaptResult:
+        """``_steps`` on the flat vector of the adapted tensors: ``objective(params, leaves)`` with ``leaves`` the
+        adapted tensors (views of the flat leaf), ``update(flat, flat_grad) -> flat``."""
+        frozen, unflat = plan.frozen, plan.unflat
+        curve, last_good, diverged = [], flat, None
+        if on_step is not None:
+            on_step(0, {**frozen, **unflat(flat)})
+        for step in range(1, steps + 1):
+            if interrupt is not None:
+                interrupt(step - 1)
+            leaf = flat.detach().requires_grad_(True)
+            leaves = unflat(leaf)
+            loss, obj = objective({**frozen, **leaves}, leaves)
+            if not math.isfinite(loss.item()):
+                diverged = step - 1
+                break
+            last_good = flat
+            grad = torch.autograd.grad(obj, leaf)[0] if plan.names else flat
+            curve.append(loss.detach())
+            with torch.no_grad():
+                flat = update(flat, grad) if plan.names else flat
+            if on_step is not None:
+                on_step(step, {**frozen, **unflat(flat)})
+        if diverged is None:
+            with torch.no_grad():
+                loss = objective({**frozen, **unflat(flat)}, unflat(flat))[0]
+            if torch.isfinite(loss):
+                curve.append(loss)
+            else:
+                diverged = steps
+        if diverged is not None:
+            if diverged == 0:
+                raise NonFiniteError("the support loss is not finite before adaptation: the inputs' magnitude makes "
+                                     "the model overflow")
+            flat = last_good
+        params = {**frozen, **plan.unflat(flat, copy=True)}
+        return AdaptResult(params, chosen, [float(v) for v in torch.stack(curve).cpu()], diverged)
+
+    def _steps(self, frozen, theta, steps, chosen, objective, update, on_step, interrupt=None) -> AdaptResult:
         """The adaptation loop: ``objective(params, leaves) -> (data loss, objective)``, ``update(theta, grads)``.
         Stops at the first step whose support loss is not finite and returns the last parameters with a finite
         loss (``diverged_at_step``); a loss that is not finite before any step is a ValueError (the inputs make
@@ -227,6 +338,8 @@ class MetaModel:
         if on_step is not None:
             on_step(0, {**frozen, **theta})
         for step in range(1, steps + 1):
+            if interrupt is not None:
+                interrupt(step - 1)
             leaves = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
             loss, obj = objective({**frozen, **leaves}, leaves)
             if not torch.isfinite(loss):
@@ -253,7 +366,7 @@ class MetaModel:
             theta = last_good
         return AdaptResult({**frozen, **theta}, chosen, [float(v) for v in torch.stack(curve).cpu()], diverged)
 
-    def _adapt_rule(self, xs, ys, steps, chosen, names, lr, on_step):
+    def _adapt_rule(self, xs, ys, steps, chosen, names, lr, on_step, interrupt=None):
         """The algorithm's own inner rule (``core.baselines.Unrolled``) with its meta-learned tensors, at
         meta-test (MT-net: hard masks). ``lr`` scales the algorithm's step sizes by lr / inner.lr."""
         rule, extra = self.rule, self.extra
@@ -269,7 +382,7 @@ class MetaModel:
             return loss, loss
 
         return self._steps(frozen, theta, steps, chosen, objective,
-                           lambda th, g: rule.step(th, g, extra, ctx, scale), on_step)
+                           lambda th, g: rule.step(th, g, extra, ctx, scale), on_step, interrupt)
 
     def forward(self, params, x):
         """The model's output for a full parameter dict (with the algorithm's extra tensors where it has them)."""
@@ -279,6 +392,59 @@ class MetaModel:
     def predict(self, x, params: dict | None = None):
         out = self.forward(params if params is not None else self.phi, self._tensor(x))
         return out.softmax(-1) if self.kind == "classification" else out
+
+    @property
+    def vmaps_forward(self) -> bool:
+        """Whether ``predict_many`` may vmap the forward over adapters: the models' own forwards, not an
+        algorithm's (its masks and transforms are not written for it) nor amp's autocast."""
+        return self.rule is None and not getattr(self.model, "amp", False)
+
+    @torch.no_grad()
+    def predict_many(self, xs: list, adapted: list, max_rows: int = 65_536) -> list:
+        """``[predict(xs[i], {**phi, **adapted[i]})]`` for many adapters of this model (``adapted[i]``: adapter i's
+        tensors), with as few forwards as the query shapes allow: adapters whose queries have the same number of
+        rows run as one forward under ``torch.func.vmap`` over the adapters (their tensors stacked; parameters no
+        adapter replaces stay phi, unbatched). A model that treats rows independently (``row_independent``) pads
+        queries with zero rows up to the next power of two, so that queries of mixed sizes share forwards at
+        most twice the rows. Up to ``max_rows`` padded rows per forward; a model whose forward does not vmap
+        (``vmaps_forward``) predicts one by one."""
+        xs = [self._tensor(x) for x in xs]
+        out: list = [None] * len(xs)
+        if not self.vmaps_forward:
+            for i, x in enumerate(xs):
+                out[i] = self.predict(x, {**self.phi, **adapted[i]})
+            return out
+        pad = bool(getattr(self.model, "row_independent", False))
+        buckets: dict = {}
+        for i, x in enumerate(xs):
+            n = x.shape[0]
+            buckets.setdefault((1 << (n - 1).bit_length()) if pad else n, []).append(i)
+        for n, idx in buckets.items():
+            per = max(1, max_rows // max(n, 1))
+            for c in range(0, len(idx), per):
+                chunk = idx[c:c + per]
+                if len(chunk) == 1:
+                    i = chunk[0]
+                    out[i] = self.predict(xs[i], {**self.phi, **adapted[i]})
+                    continue
+                for i, y in zip(chunk, self._predict_vmapped([xs[i] for i in chunk], [adapted[i] for i in chunk], n)):
+                    out[i] = y
+        return out
+
+    def _predict_vmapped(self, xs: list, adapted: list, rows: int) -> list:
+        moved = set().union(*adapted)
+        params = {k: torch.stack([a.get(k, v) for a in adapted]) if k in moved else v for k, v in self.phi.items()}
+        dims = {k: 0 if k in moved else None for k in self.phi}
+        if all(x.shape[0] == rows for x in xs):
+            x = torch.stack(xs)
+        else:
+            x = xs[0].new_zeros((len(xs), rows, *xs[0].shape[1:]))
+            for j, xi in enumerate(xs):
+                x[j, :xi.shape[0]] = xi
+        y = torch.func.vmap(self.forward, in_dims=(dims, 0))(params, x)
+        if self.kind == "classification":
+            y = y.softmax(-1)
+        return [y[j, :xi.shape[0]] for j, xi in enumerate(xs)]
 
     # ------------------------------------------------------------------ serialisation
     def tensors(self) -> dict:

@@ -225,6 +225,32 @@ class PredictOut(BaseModel):
     predictions: list[list[float]]
 
 
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class BatchPredictItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    adapter_id: str = Field(pattern=ID_PATTERN, description="an adapter of the caller's (save_adapter)")
+    x: Rows
+
+
+class BatchPredictRequest(BaseModel):
+    """Predictions of many stored adapters in one request (of one model or of several): the worker groups the
+    items by model and runs one forward for all the adapters of a model whose queries have the same number of
+    rows (vmap over the adapters). Items may name the same adapter more than once."""
+    model_config = ConfigDict(extra="forbid")
+    items: list[BatchPredictItem] = Field(min_length=1)
+
+
+class BatchPredictItemOut(BaseModel):
+    adapter_id: str
+    predictions: list[list[float]]
+
+
+class BatchPredictOut(BaseModel):
+    items: list[BatchPredictItemOut] = Field(description="one per request item, in the request's order")
+
+
 # --------------------------------------------------------------------------- API keys (admin routes)
 TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$"  # a tenant names folders in the artifact store
 

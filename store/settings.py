@@ -67,7 +67,16 @@ class Settings(BaseSettings):
                                  "result (then 504); the queued message expires with it")
     adapt_tenant_concurrency: int = Field(4, ge=1, description="adapt requests one tenant may have in flight "
                                           "(across API processes); more answer 429 with Retry-After")
-    adapt_concurrency: int = Field(1, ge=1, description="processes of the embedded default's adapt worker")
+    adapt_concurrency: int = Field(1, ge=1, description="processes of the embedded default's adapt worker "
+                                   "(metashrink serve --adapt-workers); each adapts one request at a time")
+    adapt_cache_models: int = Field(16, ge=1, description="meta-models an adapt process keeps in memory, ready to "
+                                    "adapt (least recently used out; a deleted model at once)")
+    adapt_cache_adapters: int = Field(4096, ge=1, description="adapters an adapt process keeps in memory")
+    adapt_cache_adapter_bytes: int = Field(512 * 1024 ** 2, ge=1, description="bytes of adapter tensors an adapt "
+                                           "process keeps in memory")
+    adapt_batch_max_items: int = Field(256, ge=1, description="adapters in one POST /v1/adapters/predict")
+    adapt_batch_max_rows: int = Field(50_000, ge=1, description="query rows over all items of one POST "
+                                      "/v1/adapters/predict (each item also at most adapt_max_rows)")
     adapt_device: Literal["cpu", "cuda", "auto"] = Field(
         "cpu", description="where an adapt worker adapts and predicts: cpu, cuda (its machine's GPU; the compose "
         "service worker-adapt-gpu sets it), or auto (cuda when torch sees one)")

@@ -29,6 +29,7 @@ RUN_JOB = "worker.tasks.run_job"
 ADAPT = "worker.tasks.adapt"
 RUN_EVALUATION = "worker.tasks.run_evaluation"
 ADAPTER_PREDICT = "worker.tasks.adapter_predict"
+ADAPTERS_PREDICT = "worker.tasks.adapters_predict"
 PROCESS_DATASET = "worker.dataset_tasks.process_dataset"
 # multi-node jobs (worker/ranks.py): the claiming train worker asks the other machines' join workers for their
 # ranks on this queue. Not in QUEUES: a deployment without multi-node jobs runs no join worker and is still ready
@@ -53,6 +54,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_default_queue=TRAIN_QUEUE,
         task_routes={RUN_JOB: {"queue": TRAIN_QUEUE}, ADAPT: {"queue": ADAPT_QUEUE},
                      RUN_EVALUATION: {"queue": TRAIN_QUEUE}, ADAPTER_PREDICT: {"queue": ADAPT_QUEUE},
+                     ADAPTERS_PREDICT: {"queue": ADAPT_QUEUE},
                      PROCESS_DATASET: {"queue": DATASETS_QUEUE}, JOIN_JOB: {"queue": JOIN_QUEUE}},
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": 3600},

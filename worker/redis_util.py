@@ -26,3 +26,8 @@ def redis_client(url: str, retry: bool = True) -> redis.Redis:
 
 def reply_key(request_id: str) -> str:
     return f"metashrink:adapt-reply:{request_id}"
+
+
+# DELETE of a model or adapter publishes "model:ID" / "adapter:ID" here; adapt processes drop what they hold of it
+# (worker/resident.py)
+EVICT_CHANNEL = "metashrink:adapt-evict"

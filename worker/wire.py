@@ -11,12 +11,14 @@ TAG = "__ndarray__"
 
 
 def pack(obj):
-    """``obj`` (nested dicts) with every numpy array replaced by ``{TAG: base64, "dtype", "shape"}``."""
+    """``obj`` (nested dicts and lists) with every numpy array replaced by ``{TAG: base64, "dtype", "shape"}``."""
     if isinstance(obj, np.ndarray):
         a = np.ascontiguousarray(obj)
         return {TAG: base64.b64encode(a.tobytes()).decode("ascii"), "dtype": a.dtype.str, "shape": list(a.shape)}
     if isinstance(obj, dict):
         return {k: pack(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [pack(v) for v in obj]
     return obj
 
 
@@ -26,4 +28,6 @@ def unpack(obj):
         if TAG in obj:
             return np.frombuffer(base64.b64decode(obj[TAG]), dtype=np.dtype(obj["dtype"])).reshape(obj["shape"]).copy()
         return {k: unpack(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [unpack(v) for v in obj]
     return obj

@@ -13,6 +13,7 @@ from store.jobs import ACTIVE
 from store.models import Checkpoint, Evaluation, Job
 
 from ..deps import Session, Tenant, own_adapter, own_dataset, own_job, own_model
+from ..dispatch import announce_eviction
 from ..errors import ApiError
 
 router = APIRouter()
@@ -51,7 +52,9 @@ def delete_model(model_id: str, request: Request, s: Session, t: Tenant):
     """Delete a published model, its file, its adapters (rows and files) and its finished evaluations. 409 while
     an evaluation of it is queued or running (wait for it, or delete it first). The job that published it
     keeps its ``model_id`` as a record; the model answers 404 from now on."""
-    return _delete(request, s, L.delete_model, own_model(s, t, model_id))
+    out = _delete(request, s, L.delete_model, own_model(s, t, model_id))
+    announce_eviction(request.app, "model", model_id)  # adapt processes drop it (and its adapters) at once
+    return out
 
 
 @router.delete("/v1/checkpoints/{ckpt_id}", tags=["jobs"], **NO_CONTENT)
@@ -78,7 +81,9 @@ def delete_dataset(dataset_id: str, request: Request, s: Session, t: Tenant):
 @router.delete("/v1/adapters/{adapter_id}", tags=["adapters"], **NO_CONTENT)
 def delete_adapter(adapter_id: str, request: Request, s: Session, t: Tenant):
     """Delete a saved adapter (row and file); nothing depends on it."""
-    return _delete(request, s, L.delete_adapter, own_adapter(s, t, adapter_id))
+    out = _delete(request, s, L.delete_adapter, own_adapter(s, t, adapter_id))
+    announce_eviction(request.app, "adapter", adapter_id)
+    return out
 
 
 @router.delete("/v1/evaluations/{eval_id}", tags=["evaluations"], **NO_CONTENT)

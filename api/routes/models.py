@@ -10,7 +10,7 @@ from store.models import MetaModelRow
 from store.preprocessing import of_model
 from store.settings import Settings
 
-from ..bodies import off_loop, parse_json, read_capped
+from ..bodies import OFF_PROCESS_ABOVE, off_loop, parse_json, read_capped
 from ..deps import Cursor, Limit, Session, Tenant, artifact_file, own_model, page
 from ..dispatch import run_adapt
 from ..errors import json_body, unprocessable
@@ -50,13 +50,24 @@ async def adapt(model_id: str, request: Request, t: Tenant):
             payload = await run_in_threadpool(adapt_payload, app, m, form)
         finally:
             await form.close()
-        payload.update(tenant=t)
+        payload.update(tenant=t, model_sha256=m.sha256)
         return await run_in_threadpool(run_adapt, app, t, model_id, payload)
     raw = await read_capped(request, app.state.settings.adapt_max_bytes)
+    if len(raw) <= OFF_PROCESS_ABOVE:  # lookup, parse and the adapt queue's round trip in one worker thread
+        return await run_in_threadpool(adapt_json, app, t, model_id, raw)
     m = await run_in_threadpool(detached_model, app, t, model_id)
     payload = await off_loop(app, json_adapt_payload, raw, model_shape(m), app.state.settings)
-    payload["tenant"] = t
+    # the sha names the file the adapt processes keep the model by (a hit needs no database: worker/resident.py)
+    payload.update(tenant=t, model_sha256=m.sha256)
     return await run_in_threadpool(run_adapt, app, t, model_id, payload)
+
+
+def adapt_json(app, t: str, model_id: str, raw: bytes):
+    """A small JSON adapt request from lookup to answer, in the calling thread."""
+    m = detached_model(app, t, model_id)
+    payload = json_adapt_payload(raw, model_shape(m), app.state.settings)
+    payload.update(tenant=t, model_sha256=m.sha256)
+    return run_adapt(app, t, model_id, payload)
 
 
 def json_adapt_payload(raw: bytes, m, settings: Settings) -> dict:

@@ -1,6 +1,6 @@
 """The Python client (client/sdk.py) against the live service over HTTP, one method group per resource: jobs
 (submit, wait, job, jobs, cancel, retry, metrics, modules, checkpoints, a checkpoint's file, the event stream),
-models (list, get, file, adapt), adapters (get, predict), evaluations (create, get, list, wait) and datasets
+models (list, get, file, adapt), adapters (get, predict, predict_many), evaluations (create, get, list, wait) and datasets
 (upload, get, list), as a tenant of its own."""
 from __future__ import annotations
 
@@ -88,6 +88,9 @@ def test_client_has_a_method_for_every_resource(sdk: Client, tmp_path):
     assert ad["model_id"] == mid and ad["steps"] == 5
     p = c.predict(a["adapter_id"], [[0.5], [2.0]])
     assert [r[0] for r in p["predictions"]] == pytest.approx([r[0] for r in a["predictions"]], abs=1e-5)
+    many = c.predict_many([(a["adapter_id"], [[0.5], [2.0]]), {"adapter_id": a["adapter_id"], "x": [[2.0]]}])
+    assert [len(x) for x in many] == [2, 1]
+    assert [r[0] for r in many[0]] == pytest.approx([r[0] for r in p["predictions"]], abs=1e-6)
 
     # evaluations
     ev = c.evaluate(mid, n_tasks=4, steps=[0, 2], seed=1)
