@@ -140,3 +140,21 @@ def test_sigkilled_serve_leaves_no_orphans_and_releases_its_data_dir(serve, tmp_
         assert not all_gone(kids), "a clean shutdown left children running"
     finally:
         again.stop()
+
+
+def test_adapt_workers_flag_starts_that_many_adapt_processes(tmp_path):
+    """``serve --adapt-workers 2``: the adapt worker runs two pool processes (plus its parent); 0 is refused."""
+    p = subprocess.run([sys.executable, "-m", "client.cli", "serve", "--data-dir", str(tmp_path / "bad"),
+                        "--adapt-workers", "0"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and "--adapt-workers" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not (tmp_path / "bad").exists()
+    s = Serve(tmp_path / "data", tmp_path / "serve.log", ("--adapt-workers", "2"))
+    try:
+        s.ready()
+        t0 = time.monotonic()
+        while len(s.children().get("adapt", [])) < 3:  # the pool children fork right after the parent starts
+            assert time.monotonic() - t0 < 30, s.children()
+            time.sleep(0.2)
+        assert len(s.children()["adapt"]) == 3
+    finally:
+        s.stop()
