@@ -289,7 +289,11 @@ def report(info: dict, res: dict, a) -> list:
     lines += ["", f"Where one client's time goes: the same request with 0 steps (HTTP, auth, model lookup, body parse, "
                   f"broker round trip, worker dispatch, one forward, reply) p50 {z['p50']:.1f} ms (p95 {z['p95']:.1f}); "
                   f"the 100 steps alone in one process p50 {b['adapt_core_p50']:.1f} ms "
-                  f"({b['adapt_predict_core_p50']:.1f} ms with the 100-query prediction).", "",
+                  f"({b['adapt_predict_core_p50']:.1f} ms with the 100-query prediction). Before the warm path (commit "
+                  "d6f8939, the same requests, load 0.7): 22.5 ms p50 over HTTP, of which 4.4 ms with 0 steps and "
+                  "17.0 ms for adapt and predict in one process (a per-tensor optimizer step, ~170 us per step); the "
+                  "model was already kept per worker (by id). The 46 ms of the issue were measured under more load.",
+              "",
               "**conv4 Omniglot** (sigma-MAML conv4, 64 channels, 28x28, 20-way 1-shot support of held-out characters, "
               "20 adaptation steps of every module; one client, 1 adapt process). Target: p50 <= 150 ms.", "",
               "| queries | body KB | requests | p50 ms | p95 ms | load |", "|---:|---:|---:|---:|---:|---:|"]

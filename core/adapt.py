@@ -292,26 +292,30 @@ class MetaModel:
         return plan
 
     def _flat_steps(self, plan, flat, steps, chosen, objective, update, on_step, interrupt) -> AdaptResult:
-        """``_steps`` on the flat vector of the adapted tensors: ``objective(params, leaves)`` with ``leaves`` the
-        adapted tensors (views of the flat leaf), ``update(flat, flat_grad) -> flat``."""
+        """``_steps`` on the flat vector of the adapted tensors: ``objective(params, leaves)``,
+        ``update(flat, flat_grad) -> flat``. The leaves the forward sees are built once: views of one buffer that
+        each step's new values are copied into (no per-step split, views or graph nodes for them)."""
         frozen, unflat = plan.frozen, plan.unflat
         curve, last_good, diverged = [], flat, None
+        buf = flat.clone()
+        leaves = {k: v.detach().requires_grad_(True) for k, v in unflat(buf).items()}  # share buf's storage
+        inputs, params = list(leaves.values()), {**frozen, **leaves}
         if on_step is not None:
             on_step(0, {**frozen, **unflat(flat)})
         for step in range(1, steps + 1):
             if interrupt is not None:
                 interrupt(step - 1)
-            leaf = flat.detach().requires_grad_(True)
-            leaves = unflat(leaf)
-            loss, obj = objective({**frozen, **leaves}, leaves)
+            loss, obj = objective(params, leaves)
             if not math.isfinite(loss.item()):
                 diverged = step - 1
                 break
             last_good = flat
-            grad = torch.autograd.grad(obj, leaf)[0] if plan.names else flat
+            grads = torch.autograd.grad(obj, inputs) if inputs else ()
             curve.append(loss.detach())
-            with torch.no_grad():
-                flat = update(flat, grad) if plan.names else flat
+            if inputs:
+                with torch.no_grad():
+                    flat = update(flat, torch.cat([g.reshape(-1) for g in grads]))
+                    buf.copy_(flat)
             if on_step is not None:
                 on_step(step, {**frozen, **unflat(flat)})
         if diverged is None:

@@ -131,4 +131,6 @@ def test_a_published_delete_drops_the_model_and_its_adapters(rt, tmp_path):
             time.sleep(0.05)
         assert aid not in res.adapters and other in res.models
     finally:
+        if "res" in locals():
+            res.close()
         server.shutdown()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import OrderedDict
 
 from sqlalchemy import select
@@ -81,6 +80,7 @@ class Resident:
         self.adapters = LRU(max_adapters, max_adapter_bytes)    # id -> (sha256, model id, {name: tensor})
         self.stale = False  # set after a (re)subscription: the next request sweeps against the database
         self.loads = {"model": 0, "adapter": 0}                 # misses, for tests and logs
+        self.closed = threading.Event()
         if listen:
             threading.Thread(target=self._listen, name="metashrink-evict", daemon=True).start()
 
@@ -167,19 +167,25 @@ class Resident:
                 self.stale = True
                 log.exception("adapt cache sweep failed; retried at the next request")
 
+    def close(self) -> None:
+        """Stop the eviction listener (within its 1 s poll)."""
+        self.closed.set()
+
     def _listen(self) -> None:
-        while True:
+        while not self.closed.is_set():
             try:
                 # retry=False: a lost connection raises here (redis-py would otherwise resubscribe silently,
                 # and messages published meanwhile would go unnoticed)
                 sub = redis_client(self.rt.settings.broker(), retry=False).pubsub(ignore_subscribe_messages=True)
                 sub.subscribe(EVICT_CHANNEL)
                 self.stale = True
-                while True:
-                    msg = sub.get_message(timeout=5.0)
+                while not self.closed.is_set():
+                    msg = sub.get_message(timeout=1.0)
                     if msg and msg.get("type") == "message":
                         kind, _, id_ = msg["data"].decode().partition(":")
                         self.evict(kind, id_)
             except Exception as e:  # the broker restarted or is down: subscribe again, then sweep
+                if self.closed.is_set():
+                    return
                 log.warning("adapt cache: eviction listener lost its subscription (%s); retrying", e)
-                time.sleep(1.0)
+                self.closed.wait(1.0)
