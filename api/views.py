@@ -9,8 +9,8 @@ def job_view(j: Job, with_config: bool = False) -> dict:
     return {"id": j.id, "status": j.status, "progress": {"step": j.step, "total": j.total_steps},
             "metrics": j.metrics or {}, "error": {"message": j.error} if j.error else None,
             "model_id": j.model_id, "best_checkpoint_id": j.best_checkpoint_id, "attempts": j.attempts,
-            "cancel_requested": j.cancel_requested, "created_at": j.created_at, "updated_at": j.updated_at,
-            "config": j.config if with_config else None}
+            "cancel_requested": j.cancel_requested, "startup": j.startup, "created_at": j.created_at,
+            "updated_at": j.updated_at, "config": j.config if with_config else None}
 
 
 def selection_view(entries: list, config: dict) -> dict:

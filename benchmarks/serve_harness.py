@@ -28,7 +28,9 @@ def job_config(steps: int) -> dict:
             "modules": {"partition": "per_tensor"}, "tasks": {"family": "sinusoid", "shots": 10, "query": 10},
             "inner": {"optimizer": "proximal_gd", "lr": 0.01, "steps": 5},
             "outer": {"meta_batch": 10, "steps": steps, "lr_phi": 0.003, "lr_log_sigma2": 0.01},
-            "execution": {"vectorize": "vmap", "device": "cpu"},
+            # compile: false: the tests' long jobs (100,000 steps, to be cancelled or killed) would otherwise compile
+            # at their fifth step (execution.compile "auto"), and a compiling step delays a cancel by its minute
+            "execution": {"vectorize": "vmap", "device": "cpu", "compile": False},
             "run": {"checkpoint_every": 10, "module_map_every": 10, "log_every": 5}, "seed": 0}
 
 

@@ -8,12 +8,31 @@ import torch
 from torch.func import grad, vmap
 
 from .algorithms import Learner, build_algorithm
+from .compile_cache import CompileRecords, cache_counters, counters_delta, shape_key
 from .models import build_model, init_params
 from .modules import LOG_SIGMA2_MAX, LOG_SIGMA2_MIN, build_partition, inverse_gamma_penalty, sigma2
 from .optim import build_optimizer, flatten_state, unflatten_state
 from .tasks import build_family
 
 STATE_VERSION = 1
+
+# execution.compile "auto" (MetaTrainer._auto_compile_step): a few timed eager steps, then compile only when the
+# eager time left in the job repays the expected compile time, and keep the compiled step only if it is faster.
+AUTO_EAGER_SAMPLES = 3    # timed eager steps before the decision (after one untimed warm-up step per process)
+AUTO_MIN_REMAINING = 100  # steps that must be left at the decision; shorter jobs never compile
+# expected compile time without a record of this job shape (a cold cache): on 2 shared cores 25 s for the sinusoid
+# MLP (vmap, whole meta-step) and 32 s for conv4 (one task's update) at load 2, 36-71 s under heavier load
+# (benchmarks/RESULTS.md, "Compile cache" and "Core")
+COLD_COMPILE_S = 40.0
+# ... and with one (the cache holds the graph) until a warm compile of the shape has been measured: 2.8-3.8 s
+WARM_COMPILE_S = 5.0
+# compile when the remaining eager time is at least this many times the expected compile time (an unknown
+# speed-up: at worst, a compiled step no faster than eager, the job takes 1 + 1/1.5 times as long; measured
+# speed-ups 1.2x conv4, 5x sinusoid) ...
+REPAY_UNKNOWN = 1.5
+# ... or, when a record says how much faster the compiled step was, when the time it saves is at least this many
+# times the expected compile time
+REPAY_KNOWN = 1.5
 
 
 def reduce_tasks(deltas, metrics):
@@ -108,12 +127,25 @@ class MetaTrainer:
         self.step_count = 0
         self.total_steps = int(outer["steps"])
         self.vectorize = ex["vectorize"]  # "auto" is resolved by measurement on the first step
+        # execution.compile: True, False or "auto" (resolved by measurement, _auto_compile_step); self.compiled
+        # says which path the meta-steps take now, compile_info what was decided and measured
+        self.compile_setting = ex["compile"]
+        self.compiled = self.compile_setting is True
+        self._compile_decided = self.compile_setting != "auto" or comm is not None  # ranks stay eager
+        self._compile_timed = False  # the first compiled call (compile time) has been measured
+        self._eager_times: list = []
+        self._auto_calls = 0
+        self.compile_info = {"setting": self.compile_setting,
+                             "decision": "pending" if not self._compile_decided else
+                             ("compiled" if self.compiled else "eager"),
+                             "reason": "execution.compile" if self.compile_setting != "auto" else
+                             ("multi-rank jobs stay eager" if comm is not None else None)}
         self._fns = {}
         self._pool = None  # worker threads of the per-task loop (_map_tasks)
 
     # ------------------------------------------------------------------ per-task updates
     def _batched(self, mode: str, compile: bool | None = None):
-        compile = self.config["execution"]["compile"] if compile is None else compile
+        compile = self.compiled if compile is None else compile
         key = (mode, compile)
         if key not in self._fns:
             # args: xs, ys, xq, yq and the algorithm's per-task noise, all with a leading task axis
@@ -216,7 +248,11 @@ class MetaTrainer:
         elif self.vectorize == "auto":
             delta, metrics = self.reduce(*self._choose_vectorization(batch))
             self.apply(delta)
-        elif self.config["execution"]["compile"] and self.vectorize == "vmap":
+        elif not self._compile_decided:
+            metrics = self._auto_compile_step(batch)
+        elif self.compiled and not self._compile_timed:
+            metrics = self._first_compiled_step(batch)
+        elif self.compiled and self.vectorize == "vmap":
             # the whole meta-step (task updates, mean, outer update, metric means) as one compiled graph
             f = torch.tensor(self.lr_factor(), dtype=self.dtype, device=self.device)
             self.meta, self.outer_state, metrics = self._fused(self.vectorize)(self.meta, self.outer_state, f,
@@ -266,6 +302,133 @@ class MetaTrainer:
             self.algorithm.hvp = "reverse"  # see _batched
             self._fns[key] = torch.compile(fn, dynamic=False)
         return self._fns[key]
+
+    # ------------------------------------------------------------------ compilation
+    def _advance(self, batch, compiled: bool):
+        """One meta-step's result, (meta, outer_state, metrics), eager or compiled, without changing the trainer:
+        the step() paths as a pure function, so that execution.compile "auto" can time both on one batch."""
+        if compiled and self.vectorize == "vmap":
+            f = torch.tensor(self.lr_factor(), dtype=self.dtype, device=self.device)
+            return self._fused(self.vectorize)(self.meta, self.outer_state, f, *batch)
+        delta, metrics = self.reduce(*self._batched(self.vectorize, compile=compiled)(self.meta, *batch))
+        meta, outer_state = self.outer_update(self.meta, self.outer_state, delta, self.lr_factor())
+        return meta, outer_state, metrics
+
+    def _timed(self, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return out, time.perf_counter() - t0
+
+    def compile_key(self) -> str:
+        """This job shape's key among the compile records (core.compile_cache.shape_key)."""
+        return shape_key(self.config, self.vectorize, self.device, self.family.input_shape, self.family.output_dim)
+
+    def _first_compiled_step(self, batch):
+        """The first compiled meta-step in this process: its time is the compile time (plus one step), and the
+        cache counters say whether the compiled code came from the cache."""
+        before = cache_counters()
+        (self.meta, self.outer_state, metrics), dt = self._timed(self._advance, batch, True)
+        self._compile_timed = True
+        cache = counters_delta(before, cache_counters())
+        cold = bool(cache["fxgraph_miss"] or cache["aot_miss"])
+        self.compile_info.update(compile_s=round(dt, 3), cache=cache, cache_hit=not cold,
+                                 at_step=self.step_count)
+        CompileRecords().put(self.compile_key(), **{("cold_compile_s" if cold else "warm_compile_s"): dt})
+        return metrics
+
+    def _auto_compile_step(self, batch):
+        """A meta-step of an execution.compile "auto" job before its decision. One untimed eager step (lazy
+        imports, first traces), AUTO_EAGER_SAMPLES timed ones, then the decision on the next step's batch: with
+        R steps left and eager step time e, compile when R >= AUTO_MIN_REMAINING and R e >= REPAY_UNKNOWN x the
+        expected compile time (COLD_COMPILE_S, or the last warm compile of this shape when the compile records
+        know it: the cache holds the graph). When a record says how much faster the compiled step was (ratio
+        r), the saving R e (1 - r) must be REPAY_KNOWN x the expected compile time; a shape whose compiled
+        step was slower, or failed to compile, is not compiled again. After compiling, the compiled step is
+        timed on the same batch and kept only if it beats the eager one. The step's numbers come from the path
+        kept (eager before the decision), and checkpoints record the decision (a resumed job keeps it)."""
+        self._auto_calls += 1
+        if self._auto_calls <= 1 + AUTO_EAGER_SAMPLES:
+            (self.meta, self.outer_state, metrics), dt = self._timed(self._advance, batch, False)
+            if self._auto_calls > 1:
+                self._eager_times.append(dt)
+            return metrics
+        eager_out, dt = self._timed(self._advance, batch, False)  # this step's numbers unless compiled wins
+        eager_s = min(self._eager_times + [dt])
+        remaining = self.total_steps - self.step_count
+        key = self.compile_key()
+        records = CompileRecords()
+        rec = records.get(key) or {}
+        info = {"at_step": self.step_count, "eager_step_s": round(eager_s, 6), "remaining_steps": remaining,
+                "record": bool(rec)}
+        expected = (rec.get("warm_compile_s") or WARM_COMPILE_S) if rec else COLD_COMPILE_S
+        ratio = (rec["compiled_step_s"] / rec["eager_step_s"]
+                 if rec.get("compiled_step_s") and rec.get("eager_step_s") else None)
+        info["expected_compile_s"] = round(expected, 3)
+        if remaining < AUTO_MIN_REMAINING:
+            go, reason = False, f"job too short: {remaining} steps left (< {AUTO_MIN_REMAINING})"
+        elif rec.get("faster") is False:
+            go, reason = False, ("this shape failed to compile before" if rec.get("error") else
+                                 "this shape's compiled step was measured slower than eager before")
+        elif ratio is not None:
+            saving = remaining * eager_s * max(0.0, 1.0 - ratio)
+            go = saving >= REPAY_KNOWN * expected
+            reason = (f"saving {saving:.1f} s ({remaining} steps x {eager_s * 1e3:.2f} ms x (1 - {ratio:.2f})) "
+                      f"{'>=' if go else '<'} {REPAY_KNOWN} x expected compile {expected:.1f} s")
+        else:
+            left = remaining * eager_s
+            go = left >= REPAY_UNKNOWN * expected
+            reason = (f"eager time left {left:.1f} s ({remaining} steps x {eager_s * 1e3:.2f} ms) "
+                      f"{'>=' if go else '<'} {REPAY_UNKNOWN} x expected compile {expected:.1f} s")
+        self._compile_decided = True
+        if not go:
+            self.compile_info.update(decision="eager", reason=reason, **info)
+            self.meta, self.outer_state, metrics = eager_out
+            return metrics
+        hvp = self.algorithm.__dict__.get("hvp")  # the compiled paths switch Hessian-vector products to reverse
+        before = cache_counters()
+        try:
+            out, compile_s = self._timed(self._advance, batch, True)
+            out, t1 = self._timed(self._advance, batch, True)
+            out, t2 = self._timed(self._advance, batch, True)
+        except Exception as e:  # a graph torch cannot compile: stay eager, and do not try this shape again
+            self._drop_compiled(hvp)
+            err = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            records.put(key, faster=False, error=err)
+            self.compile_info.update(decision="eager", reason=f"compile failed ({err})", **info)
+            self.meta, self.outer_state, metrics = eager_out
+            return metrics
+        compiled_s = min(t1, t2)
+        cache = counters_delta(before, cache_counters())
+        cold = bool(cache["fxgraph_miss"] or cache["aot_miss"])
+        keep = compiled_s < eager_s
+        records.put(key, faster=keep, error=None, eager_step_s=eager_s, compiled_step_s=compiled_s,
+                    **{("cold_compile_s" if cold else "warm_compile_s"): compile_s})
+        self._compile_timed = True
+        info.update(compile_s=round(compile_s, 3), compiled_step_s=round(compiled_s, 6), cache=cache,
+                    cache_hit=not cold)
+        if keep:
+            self.compiled = True
+            self.compile_info.update(decision="compiled", reason=reason, **info)
+            self.meta, self.outer_state, metrics = out
+        else:
+            self._drop_compiled(hvp)
+            self.compile_info.update(decision="eager", reason=f"{reason}; compiled step {compiled_s * 1e3:.2f} ms "
+                                     f"not faster than eager {eager_s * 1e3:.2f} ms", **info)
+            self.meta, self.outer_state, metrics = eager_out
+        return metrics
+
+    def _drop_compiled(self, hvp):
+        """Back to the eager path after a compile trial: the compiled functions go, and the algorithm's
+        Hessian-vector products are what they were (the eager numbers stay those of an uncompiled job)."""
+        for k in [k for k in self._fns if k[0] == "fused" or k[1] is True]:
+            del self._fns[k]
+        if hvp is None:
+            self.algorithm.__dict__.pop("hvp", None)
+        else:
+            self.algorithm.hvp = hvp
+        self.compiled = False
 
     def reduce(self, deltas, metrics):
         """Per-task updates -> the meta-batch's update: the finite tasks' mean, then global-norm clipping."""
@@ -332,6 +495,8 @@ class MetaTrainer:
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         meta = {"version": STATE_VERSION, "step": self.step_count, "vectorize": self.vectorize,
                 "modules": list(self.partition.names)}
+        if self.compile_setting == "auto" and self._compile_decided and self.comm is None:
+            meta["compiled"] = self.compiled  # execution.compile "auto"'s decision: a resumed job keeps it
         return tensors, meta
 
     def load_state_dict(self, tensors: dict, meta: dict):
@@ -348,3 +513,7 @@ class MetaTrainer:
         self.step_count = int(meta["step"])
         if meta.get("vectorize") in ("vmap", "loop"):
             self.vectorize = meta["vectorize"]
+        if self.compile_setting == "auto" and self.comm is None and isinstance(meta.get("compiled"), bool):
+            self.compiled, self._compile_decided = meta["compiled"], True
+            self.compile_info.update(decision="compiled" if self.compiled else "eager",
+                                     reason="decided before the checkpoint this job resumed from")

@@ -31,6 +31,33 @@ class JobCreated(_Out):
     status: str
 
 
+class CompileReport(_Out):
+    setting: Union[bool, Literal["auto"]] = Field(description="the job's execution.compile")
+    decision: Literal["pending", "compiled", "eager"] = Field(
+        description="the path the meta-steps take: pending until execution.compile \"auto\" has timed its eager "
+        "steps")
+    reason: Optional[str] = Field(None, description="why (\"auto\": the measured numbers it decided on)")
+    at_step: Optional[int] = Field(None, description="the step at which it compiled or decided")
+    compile_s: Optional[float] = Field(None, description="seconds of the first compiled call (compiling, or "
+                                       "loading from this host's compile cache, plus one step)")
+    cache_hit: Optional[bool] = Field(None, description="the compiled code came from the compile cache (no "
+                                      "FX graph or AOTAutograd cache miss)")
+    eager_step_s: Optional[float] = None
+    compiled_step_s: Optional[float] = None
+
+
+class JobStartup(_Out):
+    """The latest attempt's start, written by the worker that runs it."""
+    attempt: int
+    host: str = Field(description="the worker's host; compile caches are per host")
+    resumed_from_step: Optional[int] = None
+    build_s: float = Field(description="seconds to build the trainer (and load the checkpoint)")
+    time_to_first_step_s: Optional[float] = Field(None, description="seconds from the claim to the first finished "
+                                                  "meta-step")
+    first_step_s: Optional[float] = Field(None, description="seconds of the first meta-step")
+    compile: CompileReport
+
+
 class JobOut(_Out):
     id: str
     status: Literal["queued", "running", "succeeded", "failed", "canceled"]
@@ -41,6 +68,8 @@ class JobOut(_Out):
     best_checkpoint_id: Optional[str] = Field(None, description="the checkpoint with the best validation score")
     attempts: int = 0
     cancel_requested: bool = False
+    startup: Optional[JobStartup] = Field(None, description="time to the first step and the compile decision of "
+                                          "the latest attempt (null until a worker has started it)")
     created_at: UtcDatetime
     updated_at: UtcDatetime
     config: Optional[dict[str, Any]] = None

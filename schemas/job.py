@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, PlainValidator, Tag, WithJsonSchema,
+                      model_validator)
 
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
@@ -27,6 +28,16 @@ def _json_array(v):
     """A JSON array for a fixed-length tuple (strict mode takes only a tuple from Python)."""
     return tuple(v) if isinstance(v, list) else v
 
+
+def _compile_switch(v):
+    """execution.compile: exactly true, false or "auto" (no 1 or "true", in strict mode or not)."""
+    if v is True or v is False or v == "auto":
+        return v
+    raise ValueError('must be true, false or "auto"')
+
+
+CompileSwitch = Annotated[Union[bool, Literal["auto"]], PlainValidator(_compile_switch),
+                          WithJsonSchema({"anyOf": [{"type": "boolean"}, {"type": "string", "enum": ["auto"]}]})]
 
 Int = Annotated[int, BeforeValidator(_json_integer)]
 OptInt = Annotated[Optional[int], BeforeValidator(_json_integer)]  # (Optional[Int] loses its bounds in the document)
@@ -420,7 +431,12 @@ class Execution(Strict):
     vectorize: Literal["auto", "vmap", "loop"] = Field(
         "auto", description="adapt the tasks of a meta-batch with torch.func.vmap or a per-task loop; auto measures both"
     )
-    compile: bool = Field(False, description="torch.compile the per-meta-step function")
+    compile: CompileSwitch = Field(
+        "auto", description="torch.compile the meta-step (vmap: the whole meta-step; loop: one task's update). "
+        "\"auto\": time a few eager steps, compile only when the eager time left in the job repays the expected "
+        "compile time (30-70 s cold on 2 CPU cores; seconds when this worker's compile cache holds the job's "
+        "shape), and keep the compiled step only if it is faster; the decision and the compile time are reported "
+        "with the job (startup) and kept by its checkpoints")
     dtype: Literal["float32", "float64"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = Field(

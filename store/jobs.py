@@ -27,12 +27,16 @@ def claim(session, job_id: str, owner: str, lease_seconds: float) -> bool:
     return res.rowcount == 1
 
 
-def heartbeat(session, job_id: str, owner: str, lease_seconds: float, step: int, metrics: dict | None):
-    """Renew the lease and write progress. Returns (still_owner, cancel_requested)."""
+def heartbeat(session, job_id: str, owner: str, lease_seconds: float, step: int, metrics: dict | None,
+              startup: dict | None = None):
+    """Renew the lease and write progress (and, when given, the attempt's ``startup``: time to the first step,
+    the compile decision and time). Returns (still_owner, cancel_requested)."""
     now = utcnow()
     values = dict(lease_expires_at=now + timedelta(seconds=lease_seconds), step=step, updated_at=now)
     if metrics is not None:
         values["metrics"] = metrics
+    if startup is not None:
+        values["startup"] = startup
     res = session.execute(
         update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.status == "running")
         .values(**values).execution_options(synchronize_session=False))

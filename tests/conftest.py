@@ -5,6 +5,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+# torch.compile's caches (and execution.compile "auto"'s records of past compiles) in a fresh directory per run:
+# "auto" finds no record of an earlier compile, so a test compiles only when its config says compile: true
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = _COMPILE_CACHE = tempfile.mkdtemp(prefix="metashrink-tests-compile-")
+atexit.register(shutil.rmtree, _COMPILE_CACHE, ignore_errors=True)
+
 import torch  # noqa: E402
 
 # One intra-op thread: the suite shares 2 cores with the Celery worker processes it starts, and oversubscribed

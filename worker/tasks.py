@@ -14,9 +14,11 @@ import logging
 import math
 import os
 import socket
+import threading
 import time
 import uuid
 from collections import OrderedDict
+from contextlib import contextmanager
 
 from celery.signals import worker_process_init
 from celery.utils.time import maybe_iso8601
@@ -28,7 +30,7 @@ from store.artifacts import MissingArtifact, make_store, public_message
 from store.db import Database
 from store.datasets import dataset_ids, get_collection
 from store.models import (Adapter, Checkpoint, Dataset, Evaluation, Job, JobMetric, MetaModelRow, ModuleMap,
-                          new_id)
+                          new_id, utcnow)
 from store.telemetry import META_STEPS
 
 from .celery_app import ADAPT, ADAPTER_PREDICT, ADAPTERS_PREDICT, RUN_EVALUATION, RUN_JOB, app
@@ -53,6 +55,12 @@ class _Runtime:
 
     def __init__(self):
         self.settings = app.conf.metashrink_settings
+        # torch.compile's caches (Inductor's FX graph cache, AOTAutograd's, the compile records of
+        # core.compile_cache) in the data directory: a later job of the same shape, in this process, another
+        # worker process of this host or after a restart, loads the compiled code instead of compiling it. Only
+        # the environment variable is set (torch reads it at every compile; nothing imports torch here), and the
+        # ranks of a multi-rank job inherit it
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.settings.compile_cache_path())
         self.db = Database(self.settings.database_url)
         self.store = make_store(self.settings)
         self.redis = redis_client(self.settings.broker())
@@ -137,6 +145,58 @@ def _finite(v):
 
 
 # --------------------------------------------------------------------------- training
+class _LeaseKeeper:
+    """Renews a job's lease from a thread while one meta-step runs for longer than a third of the lease (the
+    training loop beats between steps only, and a step that compiles takes a minute or more on a cold cache:
+    longer than the lease, which would hand the job to another worker mid-compile). It renews nothing while no
+    step runs, or once one step has run for ``max_step_s`` (a hung step then loses its lease as before)."""
+
+    def __init__(self, rt: _Runtime, job_id: str, owner: str, lease_seconds: float, max_step_s: float = 3 * 3600.0):
+        self.rt, self.job_id, self.owner, self.lease = rt, job_id, owner, lease_seconds
+        self.max_step_s = max_step_s
+        self.busy_since: float | None = None
+        self.renewed_at = time.monotonic()
+        self.lost = False
+        self.renewals = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="metashrink-lease", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(self.lease / 6):
+            since, now = self.busy_since, time.monotonic()
+            if since is None or now - self.renewed_at < self.lease / 3 or now - since > self.max_step_s:
+                continue
+            try:
+                with self.rt.db.session() as ses:
+                    ok = Q.renew(ses, self.job_id, self.owner, self.lease)
+            except Exception:  # the database is away for a moment: the next tick tries again
+                log.warning("job %s: lease renewal during a long step failed", self.job_id, exc_info=True)
+                continue
+            self.renewed_at = time.monotonic()
+            self.renewals += 1
+            if not ok:
+                self.lost = True
+
+    @contextmanager
+    def step(self):
+        self.busy_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self.busy_since = None
+        if self.lost:
+            raise LeaseLost()
+
+    def beaten(self):
+        """The training loop renewed the lease itself."""
+        self.renewed_at = time.monotonic()
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
 @app.task(name=RUN_JOB, acks_late=True, reject_on_worker_lost=True)
 def run_job(job_id: str):
     rt = runtime()
@@ -168,29 +228,51 @@ def run_job(job_id: str):
 def _train(rt: _Runtime, job_id: str, owner: str, comm=None):
     """Train the job; with ``comm`` as rank 0 of a multi-rank job (worker/ranks.py), which this launches when
     the config asks for execution.world_size > 1."""
+    keeper = _LeaseKeeper(rt, job_id, owner, rt.settings.lease_seconds)
+    try:
+        return _train_job(rt, job_id, owner, comm, keeper)
+    finally:
+        keeper.close()
+
+
+def _train_job(rt: _Runtime, job_id: str, owner: str, comm, keeper: _LeaseKeeper):
     from core import MetaTrainer
 
     s = rt.settings
     with rt.db.session() as ses:
         job = ses.get(Job, job_id)
         cfg, tenant = job.config, job.tenant
+        claimed_at, attempt = job.started_at, job.attempts  # this attempt's claim (Q.claim)
         ck = Q.latest_checkpoint(ses, job_id)
         ck = (ck.uri, ck.sha256, ck.step) if ck else None
     if comm is None and int(cfg["execution"].get("world_size") or 1) > 1:
         from .ranks import supervise
         return supervise(rt, job_id, owner, cfg, tenant)
+    t_build = time.monotonic()
+    if cfg["execution"].get("compile"):
+        # every job's trainer compiles new closures of the same code; Dynamo keeps at most 8 compiled variants of
+        # one code object per process and runs it uncompiled past that, so each job starts from a clean Dynamo
+        # state (the compiled code itself comes back from the on-disk cache in seconds)
+        import torch
+        torch._dynamo.reset()
     use_datasets(rt, tenant, cfg["tasks"])
     trainer = MetaTrainer(cfg, comm=comm)
     if ck is not None:
         tensors, meta = rt.store.get_tensors(ck[0], sha256=ck[1])
         trainer.load_state_dict(tensors, meta)
         log.info("job %s: resumed from checkpoint at step %d", job_id, ck[2])
+    # time to the first step, the compile decision and compile time of this attempt: the job's ``startup``
+    startup = {"attempt": attempt, "host": socket.gethostname(), "resumed_from_step": ck[2] if ck else None,
+               "build_s": round(time.monotonic() - t_build, 3), "time_to_first_step_s": None,
+               "first_step_s": None, "compile": dict(trainer.compile_info)}
+    written_startup: dict | None = None
     run = cfg["run"]
     val = Validation(trainer, cfg) if run.get("validate_every") else None
     with rt.db.session() as ses:  # renew the lease (building the trainer may take a while) and tidy up
-        ok, cancel = Q.heartbeat(ses, job_id, owner, s.lease_seconds, trainer.step_count, None)
+        ok, cancel = Q.heartbeat(ses, job_id, owner, s.lease_seconds, trainer.step_count, None, startup=startup)
         if not ok:
             raise LeaseLost()
+        written_startup = json.loads(json.dumps(startup))
         Q.forget_after(ses, job_id, ck[2] if ck else -1)
         if val is not None:  # the validations before the checkpoint we resume from (none on a fresh start)
             val.restore(ses.execute(select(Checkpoint.step, Checkpoint.val_score, Checkpoint.id)
@@ -212,10 +294,15 @@ def _train(rt: _Runtime, job_id: str, owner: str, comm=None):
     last_beat = time.monotonic()
 
     def beat(ses):
-        nonlocal last_beat
-        ok, cancel = Q.heartbeat(ses, job_id, owner, s.lease_seconds, trainer.step_count, latest)
+        nonlocal last_beat, written_startup
+        new_startup = startup if startup != written_startup else None
+        ok, cancel = Q.heartbeat(ses, job_id, owner, s.lease_seconds, trainer.step_count, latest,
+                                 startup=new_startup)
         if not ok:
             raise LeaseLost()
+        keeper.beaten()
+        if new_startup is not None:
+            written_startup = json.loads(json.dumps(new_startup))
         if pending:
             ses.execute(insert(JobMetric), [{"job_id": job_id, "step": st, "name": k, "value": _finite(v)}
                                             for st, m in pending for k, v in m.items()])
@@ -225,10 +312,20 @@ def _train(rt: _Runtime, job_id: str, owner: str, comm=None):
 
     stop = val is not None and val.exhausted()  # resumed after the patience ran out: publish now
     steps_run = META_STEPS.labels(cfg["algorithm"]["name"])
+    first = True
     while trainer.step_count < total and not stop:
-        m = trainer.step()
+        t_step = time.monotonic()
+        with keeper.step():  # renews the lease while a step runs long (a compile)
+            m = trainer.step()
         steps_run.inc()
         step = trainer.step_count
+        if first:
+            first = False
+            startup["first_step_s"] = round(time.monotonic() - t_step, 3)
+            if claimed_at is not None:
+                startup["time_to_first_step_s"] = round((utcnow() - claimed_at).total_seconds(), 3)
+        if trainer.compile_info != startup["compile"]:  # execution.compile "auto" decided, or a compile timed
+            startup["compile"] = dict(trainer.compile_info)
         pending.append((step, m))
         last = step == total
         score = None
@@ -241,7 +338,7 @@ def _train(rt: _Runtime, job_id: str, owner: str, comm=None):
         latest = {**{k: _finite(v) for k, v in m.items()}, **latest_val}
         do_map = last or stop or step % run["module_map_every"] == 0
         do_ckpt = last or do_val or step % run["checkpoint_every"] == 0
-        do_beat = (do_map or do_ckpt or step % run["log_every"] == 0
+        do_beat = (do_map or do_ckpt or step % run["log_every"] == 0 or startup != written_startup
                    or time.monotonic() - last_beat > s.lease_seconds / 3)
         if not do_beat:
             continue

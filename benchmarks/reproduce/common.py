@@ -21,6 +21,9 @@ def train(body: dict, cpu_seconds: float | None = None, warmup: bool = False):
     # each trainer compiles its own meta-step; dynamo's per-function recompile limit (8) counts them all, and past it
     # the step silently runs eager, so every run starts from a clean dynamo state
     torch._dynamo.reset()
+    # eager unless the body says otherwise: the recorded results were measured eager, and under a CPU budget
+    # execution.compile "auto" (the schema default) would spend part of some methods' budgets compiling
+    body = {**body, "execution": {"compile": False, **body.get("execution", {})}}
     trainer = MetaTrainer(JobConfig.model_validate(body).model_dump())
     if warmup:
         trainer.step()
