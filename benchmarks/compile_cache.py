@@ -163,6 +163,19 @@ def markdown(rows: list, info: dict, cmd: str) -> str:
         L.append(f"| {r['case']} | {r['job']} | {_f(r['import_s'])} | {_f(r['ttfs_s'])} | {_f(c.get('compile_s'))} | "
                  f"{_f(c.get('cache_hit'))} | {c.get('decision')} | {_f(r['steady_step_ms'])} | {job_s} | "
                  f"{r['load1_start']}-{r['load1_end']} |")
+    L += [""]
+    for case in ("sinusoid", "conv4", "auto-conv4"):
+        pair = [r for r in rows if r["case"] == case and "error" not in r]
+        if len(pair) == 2 and all(r.get("compiled_ready_s") for r in pair):
+            a, b = (r["compiled_ready_s"] for r in pair)
+            L.append(f"- {case}: the second job of the shape runs compiled {b:.1f} s after its trainer is built, the "
+                     f"first {a:.1f} s ({a / b:.1f}x); its compile {pair[1]['compile'].get('compile_s')} s, from the "
+                     f"cache (hit: {pair[1]['compile'].get('cache_hit')}), against {pair[0]['compile'].get('compile_s')} s.")
+    jobs = {r["job"]: r for r in rows if r["case"] == "auto-sinusoid" and "error" not in r}
+    if len(jobs) == 3:
+        e, c, w = (jobs[k]["job_s"] for k in ("compile: false", "auto, cold cache", "auto, warm cache"))
+        L.append(f"- auto-sinusoid: the whole 10,000-step job with the defaults took {e:.1f} s eager, {c:.1f} s with "
+                 f"\"auto\" on a cold cache ({e / c:.1f}x), {w:.1f} s on a warm one ({e / w:.1f}x).")
     reasons = [(r["case"], r["job"], r["reason"]) for r in rows if r.get("reason") and r["case"].startswith("auto")]
     if reasons:
         L += ["", "The \"auto\" decisions, as the jobs report them (`startup.compile.reason`):", ""]
@@ -190,9 +203,17 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads per job (default 2)")
     ap.add_argument("--no-write", action="store_true", help="do not touch benchmarks/RESULTS.md")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--render", help=argparse.SUPPRESS)  # JSON {"rows", "info", "cmd"}: the section from a past run
     a = ap.parse_args(argv)
     if a.child:
         print(json.dumps(child(json.loads(a.child))))
+        return
+    if a.render:
+        d = json.loads(Path(a.render).read_text())
+        md = markdown(d["rows"], d["info"], d["cmd"])
+        print(md)
+        if not a.no_write:
+            write_section(md)
         return
     import platform
 

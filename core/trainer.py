@@ -20,15 +20,15 @@ STATE_VERSION = 1
 # eager time left in the job repays the expected compile time, and keep the compiled step only if it is faster.
 AUTO_EAGER_SAMPLES = 3    # timed eager steps before the decision (after one untimed warm-up step per process)
 AUTO_MIN_REMAINING = 100  # steps that must be left at the decision; shorter jobs never compile
-# expected compile time without a record of this job shape (a cold cache): on 2 shared cores 25 s for the sinusoid
-# MLP (vmap, whole meta-step) and 32 s for conv4 (one task's update) at load 2, 36-71 s under heavier load
-# (benchmarks/RESULTS.md, "Compile cache" and "Core")
+# expected compile time without a record of this job shape (a cold cache): on 2 shared cores 24-31 s for the
+# sinusoid MLP (vmap, whole meta-step) and 32-35 s for conv4 (one task's update) at load 1.3-2.7, 36-71 s under
+# heavier load (benchmarks/RESULTS.md, "Compile cache" and "Core")
 COLD_COMPILE_S = 40.0
 # ... and with one (the cache holds the graph) until a warm compile of the shape has been measured: 2.8-3.8 s
 WARM_COMPILE_S = 5.0
 # compile when the remaining eager time is at least this many times the expected compile time (an unknown
 # speed-up: at worst, a compiled step no faster than eager, the job takes 1 + 1/1.5 times as long; measured
-# speed-ups 1.2x conv4, 5x sinusoid) ...
+# speed-ups 1.25x conv4, 8x sinusoid) ...
 REPAY_UNKNOWN = 1.5
 # ... or, when a record says how much faster the compiled step was, when the time it saves is at least this many
 # times the expected compile time
