@@ -107,6 +107,41 @@ def load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+class Others:
+    """CPU used by processes outside this benchmark (this process, ``serve`` and its children) while a phase runs,
+    in cores: the machine's busy time (/proc/stat, which counts processes that came and went) less this
+    benchmark's own. The 2 cores are shared with other work; this says how much of it there was."""
+
+    def __init__(self, serve_pid: int):
+        import psutil
+        self.psutil, self.serve_pid = psutil, serve_pid
+
+    def _ours(self) -> float:
+        ps = self.psutil
+        procs = [ps.Process(), ps.Process(self.serve_pid)]
+        procs += procs[1].children(recursive=True)
+        total = 0.0
+        for p in procs:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except ps.Error:
+                pass
+        return total
+
+    def _busy(self) -> float:
+        t = self.psutil.cpu_times()  # guest time is already in user (Linux)
+        return sum(t) - t.idle - sum(getattr(t, k, 0.0) for k in ("iowait", "guest", "guest_nice"))
+
+    def __enter__(self):
+        self.t0, self.b0, self.o0 = time.perf_counter(), self._busy(), self._ours()
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self.t0
+        self.cores = round(max(0.0, (self._busy() - self.b0) - (self._ours() - self.o0)) / wall, 2)
+
+
 def sinusoid_rows(s: Serve, mid: str, n_requests: int) -> list:
     rng = np.random.default_rng(0)
     path = f"/v1/models/{mid}/adapt"
@@ -114,7 +149,9 @@ def sinusoid_rows(s: Serve, mid: str, n_requests: int) -> list:
     rows = []
     for n in (1, 2, 4):
         bodies = [json.dumps(body(rng)).encode() for _ in range(n_requests)]
-        rows.append({**clients(s.url, s.key, path, bodies, n), "load": load()})
+        with Others(s.proc.pid) as o:
+            r = clients(s.url, s.key, path, bodies, n)
+        rows.append({**r, "load": load(), "others": o.cores})
     return rows
 
 
@@ -171,9 +208,10 @@ def conv_rows(s: Serve, mid: str, n_requests: int) -> list:
             bodies.append(json.dumps({"support": {"x": np.round(t.xs.numpy(), 4).tolist(), "y": t.ys.tolist()},
                                       "query": {"x": np.round(xq.numpy(), 4).tolist()}, "steps": 20}).encode())
         clients(s.url, s.key, f"/v1/models/{mid}/adapt", bodies[:3], 1)  # warm-up
-        r = clients(s.url, s.key, f"/v1/models/{mid}/adapt", bodies, 1)
+        with Others(s.proc.pid) as o:
+            r = clients(s.url, s.key, f"/v1/models/{mid}/adapt", bodies, 1)
         rows.append({**r, "queries": int(xq.shape[0]), "kb": round(np.mean([len(b) for b in bodies]) / 1024),
-                     "load": load()})
+                     "load": load(), "others": o.cores})
     return rows
 
 
@@ -197,6 +235,7 @@ def batch_predict(s: Serve, mid: str, rounds: int) -> dict:
         many = [it["predictions"] for it in post_json(c, "/v1/adapters/predict", batch).json()["items"]]
         diff = max(float(np.abs(np.array(a) - np.array(b)).max()) for a, b in zip(one, many))
         t_one, t_batch = [], []
+        others = Others(s.proc.pid).__enter__()
         for _ in range(rounds):  # interleaved
             t0 = time.perf_counter()
             for a, raw in zip(aids, singles):
@@ -205,10 +244,11 @@ def batch_predict(s: Serve, mid: str, rounds: int) -> dict:
             t0 = time.perf_counter()
             post_json(c, "/v1/adapters/predict", batch).raise_for_status()
             t_batch.append(time.perf_counter() - t0)
+    others.__exit__()
     one_s, batch_s = float(np.median(t_one)), float(np.median(t_batch))
     return {"one_ms": one_s * 1000, "batch_ms": batch_s * 1000, "one_rate": N_ADAPTERS / one_s,
             "batch_rate": N_ADAPTERS / batch_s, "speedup": one_s / batch_s, "max_diff": diff,
-            "batch_kb": round(len(batch) / 1024), "load": load()}
+            "batch_kb": round(len(batch) / 1024), "load": load(), "others": others.cores}
 
 
 def start(data: Path, logs: Path, workers: int) -> Serve:
@@ -276,17 +316,19 @@ def report(info: dict, res: dict, a) -> list:
              f"cores at times), Python {info['python']}; load average {info['load_start']} at the start, "
              f"{info['load_end']} at the end, the 1-minute value after each phase in the tables (it counts this "
              "benchmark's own processes: the API, Redis, the Celery workers and the client threads, about 1 with "
-             f"one client and 2 or more with several); {code}; measured {info['date']}. With 2 CPUs, 2 adapt "
-             "processes share the cores with the API, Redis and the Celery parent, so they cannot double the rate.",
+             "one client and 2 or more with several); *other work*: the cores that processes outside this "
+             "benchmark used during the phase (the machine's busy time less the benchmark's own, /proc/stat); "
+             f"{code}; measured {info['date']}. With 2 CPUs, 2 adapt processes share the cores with the API, Redis "
+             "and the Celery parent, so they cannot double the rate.",
              "",
              "**Sinusoid** (sigma-Reptile MLP [40, 40], POST /v1/models/{id}/adapt, 100 steps, 10-shot support, 100 "
              "queries). Target: p50 <= 20 ms with one client.", "",
-             "| adapt processes | clients | requests | p50 ms | p95 ms | p99 ms | req/s | load |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| adapt processes | clients | requests | p50 ms | p95 ms | p99 ms | req/s | load | other work, cores |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for w in ("w1", "w2"):
         for r in res[w]:
             lines.append(f"| {w[1]} | {r['clients']} | {r['n']} | {r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} | "
-                         f"{r['rps']:.1f} | {r['load']} |")
+                         f"{r['rps']:.1f} | {r['load']} | {r['others']} |")
     b = res["breakdown"]
     z = b["zero_steps"]
     lines += ["", f"Where one client's time goes: the same request with 0 steps (HTTP, auth, model lookup, body parse, "
@@ -299,9 +341,11 @@ def report(info: dict, res: dict, a) -> list:
               "",
               "**conv4 Omniglot** (sigma-MAML conv4, 64 channels, 28x28, 20-way 1-shot support of held-out characters, "
               "20 adaptation steps of every module; one client, 1 adapt process). Target: p50 <= 150 ms.", "",
-              "| queries | body KB | requests | p50 ms | p95 ms | load |", "|---:|---:|---:|---:|---:|---:|"]
+              "| queries | body KB | requests | p50 ms | p95 ms | load | other work, cores |",
+              "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["conv"]:
-        lines.append(f"| {r['queries']} | {r['kb']} | {r['n']} | {r['p50']:.1f} | {r['p95']:.1f} | {r['load']} |")
+        lines.append(f"| {r['queries']} | {r['kb']} | {r['n']} | {r['p50']:.1f} | {r['p95']:.1f} | {r['load']} | "
+                     f"{r['others']} |")
     bp = res["batch"]
     lines += ["", f"**Batch predict**: {N_ADAPTERS} adapters of the sinusoid model (half the selected modules, half "
                   f"the output layer alone: a mixed batch), 100 query rows each; medians of {a.batch_rounds} "
@@ -311,7 +355,7 @@ def report(info: dict, res: dict, a) -> list:
               f"| 1 x POST /v1/adapters/predict ({bp['batch_kb']} KB body) | {bp['batch_ms']:.1f} | "
               f"{bp['batch_rate']:.0f} |", "",
               f"Speed-up {bp['speedup']:.1f}x; largest difference between the two answers {bp['max_diff']:.1e} "
-              f"(load {bp['load']})."]
+              f"(load {bp['load']}, other work {bp['others']} cores)."]
     return lines
 
 
