@@ -429,7 +429,8 @@ class Outer(Strict):
 
 class Execution(Strict):
     vectorize: Literal["auto", "vmap", "loop"] = Field(
-        "auto", description="adapt the tasks of a meta-batch with torch.func.vmap or a per-task loop; auto measures both"
+        "auto", description="adapt the tasks of a meta-batch with torch.func.vmap or a per-task loop (on CPU its "
+        "tasks run on parallel threads, one per torch intra-op thread); auto measures both on the first step"
     )
     compile: CompileSwitch = Field(
         "auto", description="torch.compile the meta-step (vmap: the whole meta-step; loop: one task's update). "
