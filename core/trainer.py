@@ -210,8 +210,8 @@ class MetaTrainer:
         timings = {}
         for mode in ("loop", "vmap"):
             try:
-                # timed eager: with execution.compile only the winner is compiled afterwards (compiling the
-                # per-task loop unrolls meta_batch copies of the graph: > 400 s for conv4 on 2 cores)
+                # timed eager: with execution.compile only the winner is compiled afterwards (one compile, 30-60 s
+                # on 2 cores, instead of two)
                 fn = self._batched(mode, compile=False)
                 fn(self.meta, *batch)  # warm-up
                 t0 = time.perf_counter()
