@@ -90,8 +90,12 @@ class MetaTrainer:
     >>> model = trainer.meta_model()     # core.MetaModel: adapt / predict / module_map
     """
 
-    def __init__(self, config: dict, device: str | torch.device | None = None, comm=None):
+    def __init__(self, config: dict, device: str | torch.device | None = None, comm=None,
+                 task_threads: int | None = None):
+        """``task_threads``: threads of the per-task loop on CPU (``_map_tasks``); None = torch's intra-op thread
+        count. A worker passes the CPUs it may use, whatever its intra-op count (one per task thread)."""
         self.config = config
+        self.task_threads = task_threads
         ex = config["execution"]
         # a core.distributed.Comm: this trainer is one rank of a multi-rank job (execution.world_size > 1)
         self.comm = comm
@@ -177,14 +181,14 @@ class MetaTrainer:
 
     def _map_tasks(self, update, meta, args, parallel: bool):
         """``update`` on every task of the batch, in task order. On CPU with ``parallel`` the tasks are split
-        into contiguous shares, one per intra-op thread, each share run by its own thread with one intra-op
-        thread: the per-task graphs are small (a 5-image support, a 75-image query), so two tasks at a time on
+        into contiguous shares, one per task thread (``task_threads``), each share run by its own thread with one
+        intra-op thread: the per-task graphs are small (a 5-image support, a 75-image query), so two tasks at a time on
         two cores beat one task at a time on both (1.45x on conv4 MAML, benchmarks/peers.py). The results do
         not depend on the scheduling (each task's numbers are computed by one thread and stacked in order); they
         depend on the intra-op thread count, as any run does."""
         n = args[0].shape[0]
         parallel = parallel and self.device.type == "cpu" and self.algorithm.thread_safe
-        workers = min(n, torch.get_num_threads()) if parallel else 1
+        workers = min(n, self.task_threads or torch.get_num_threads()) if parallel else 1
 
         def run(tasks):
             if workers > 1:

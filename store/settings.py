@@ -88,6 +88,11 @@ class Settings(BaseSettings):
                                "default. 1 suits the embedded default, whose train and adapt workers share one "
                                "machine (2 threads on a shared 2-core box measured ~10x slower than 1)")
 
+    task_threads: int = Field(0, ge=0, description="threads of a training job's per-task loop on CPU "
+                              "(execution.vectorize loop: tasks adapted in parallel, one torch intra-op thread "
+                              "each, so no OpenMP team spins on a shared machine); 0 = the CPUs this worker may "
+                              "use. With one intra-op thread (torch_threads 1, the default) the numbers do not depend on it")
+
     dataset_max_bytes: int = Field(256 * 1024 * 1024, ge=1, description="request body size of a dataset upload")
     # an upload's header pass (store/uploads.py) checks these in the API process before anything is decoded (413
     # above them); the defaults accept Omniglot's whole background set (19,280 images of 105x105, 212.6M pixels)

@@ -151,6 +151,17 @@ def test_threaded_per_task_loop_is_the_vmapped_batch_in_task_order(alg):
         torch.set_num_threads(threads)
     vmapped = trainer.task_updates(batch, "vmap")
     flat = torch.utils._pytree.tree_leaves
+    # a worker's setting: task threads independent of the intra-op count; with one intra-op thread the numbers
+    # are those of the sequential loop to the bit
+    torch.set_num_threads(1)
+    try:
+        two = MetaTrainer(cfg, task_threads=2)
+        threaded = two.task_updates(batch, "loop")
+        assert (two._pool is not None) == two.algorithm.thread_safe
+        sequential = MetaTrainer(cfg, task_threads=1).task_updates(batch, "loop")
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(flat(threaded), flat(sequential)))
     for a, b in zip(flat(looped), flat(vmapped)):
         assert a.shape == b.shape and a.shape[:1] == (5,)
         assert torch.allclose(a, b, atol=1e-12, rtol=1e-10)

@@ -256,7 +256,7 @@ def _train_job(rt: _Runtime, job_id: str, owner: str, comm, keeper: _LeaseKeeper
         import torch
         torch._dynamo.reset()
     use_datasets(rt, tenant, cfg["tasks"])
-    trainer = MetaTrainer(cfg, comm=comm)
+    trainer = MetaTrainer(cfg, comm=comm, task_threads=rt.settings.task_threads or len(os.sched_getaffinity(0)))
     if ck is not None:
         tensors, meta = rt.store.get_tensors(ck[0], sha256=ck[1])
         trainer.load_state_dict(tensors, meta)
