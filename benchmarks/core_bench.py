@@ -55,6 +55,7 @@ from benchmarks.machine import commit as code_commit, cpu_name  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Core meta-training throughput and memory"
 ALGS = ("maml", "sigma_maml", "sigma_imaml", "sigma_reptile")
+TASK_THREADS = len(os.sched_getaffinity(0))
 BENCH_SOURCE_ID = "core-bench-random"
 
 
@@ -108,7 +109,8 @@ def measure(cfg: dict, min_steps: int = 3, max_steps: int = 20, budget_s: float 
     ``warmup=False`` (eager only, for very slow rows) times every step including the first."""
     if cfg["execution"]["compile"]:
         torch._dynamo.reset()  # new closures per trainer; do not hit the recompile limit of earlier runs
-    trainer = trainer_cls(cfg)
+    # as a training worker builds it: the per-task loop on one thread per CPU (METASHRINK_TASK_THREADS default)
+    trainer = trainer_cls(cfg, task_threads=TASK_THREADS) if trainer_cls is MetaTrainer else trainer_cls(cfg)
     first = None
     if warmup:
         t0 = time.perf_counter()
@@ -279,11 +281,11 @@ def memory_suite(quick: bool) -> list:
 # tables because they explain them; the proposed core/ changes and their measurements are in the text.
 FINDINGS = """### Why the slow paths are slow, and what measured faster
 
-- **Intra-op threads.** On this shared 2-core machine (load average 4-8 from other jobs) two intra-op
-  threads are 4-7x *slower* than one (sinusoid MAML eager 5.5-6.6 vs 31-36 meta-steps/s; conv4 MAML loop
-  0.05-0.08 vs 0.36-0.40): OpenMP workers spin and wait for a core that another process holds. Every row
-  here runs with 1 thread (`--threads 1`); `MetaTrainer` itself sets no thread count, so callers must
-  (the worker's `torch_threads` default is 1).
+- **Intra-op threads.** On a shared 2-core machine two intra-op threads measured 4-7x *slower* than one
+  under load 4-8 (OpenMP workers spin and wait for a core that another process holds), so rows here run with
+  1 intra-op thread (`--threads`) and the workers default to 1 (`METASHRINK_TORCH_THREADS`). The per-task
+  loop gets its parallelism from task threads instead (`METASHRINK_TASK_THREADS`, one per CPU, each with one
+  intra-op thread, so no OpenMP team waits on a busy core).
 - **Per-task loop (sinusoid).** 12-16x slower than vmap: each of the 25 tasks pays the full Python and
   torch.func dispatch for every tiny op of every inner step; 100 inner steps take 2.5-7 s per meta-step.
   ``vectorize: auto`` picks vmap here; the loop only pays for conv4.
@@ -300,14 +302,14 @@ FINDINGS = """### Why the slow paths are slow, and what measured faster
   meta-steps/s (2.44 ms median, 2.23 best, compile 72 s, load 4.1) against 119-262/s for the current
   code (8.43/3.82 ms median, 3.78/3.39 best, load 5.5/5.7); MAML 386/s (2.59 ms, load 5.4) against
   342-402/s (no gain: MAML's outer update is small). Same parameters as eager within 3e-8.
-- **conv4.** Compute-bound: `convolution_backward` 39% and `mkldnn_convolution` 17% of CPU time, batch-norm
-  forward+backward 14%, layout copies 6%. A meta-step is ~40 GFLOP (75 query images per task dominate), so
-  1.5 meta-steps/s needs ~60 GFLOP/s, more than one contended core delivers here. vmap turns per-task
-  weights into grouped convolutions and was 2.4x slower than the loop for MAML, 1.5x for sigma-MAML and
-  sigma-Reptile (about even for sigma-iMAML, whose CG matvecs dominate). channels_last is within noise of NCHW in the loop and
-  *fails* under vmap (`NYI: querying is_contiguous inside of vmap`). Compiling conv4: vmap 297 s to
-  compile, then 3.1 s per step (no better than the eager loop); the compiled loop did not finish compiling
-  in 400 s (it unrolls 32 copies of the task graph).
+- **conv4.** Compute-bound: a meta-step is ~40 GFLOP, dominated by the 75 query images per task (the
+  [75, 64, 14, 14] activations of the first two layers: their convolution backward, batch-norm and ReLU passes).
+  What made the per-task loop 1.5x+ faster than the peers (benchmarks/peers.py, "Peers"): tasks on parallel
+  threads with one intra-op thread each (two tasks at once on two cores beat one task on both: 1.79x over one
+  thread), plain autograd instead of torch.func's grad of grad in each task (~20% less), channels-last memory
+  (now the default), and the one-channel first layer as im2col + one addmm (oneDNN's 1-channel convolution ran
+  at ~9 GFLOP/s). vmap turns per-task weights into grouped convolutions and stays slower than the loop.
+  Compiling conv4 now compiles one task's update (32-35 s cold, ~3 s from the cache; "Compile cache").
 - **Memory.** sigma-iMAML and sigma-Reptile adapt without keeping a graph: peak growth is flat in the
   number of inner steps; sigma-MAML's grows linearly (it backpropagates through the unrolled steps).
 """
@@ -349,7 +351,8 @@ def markdown(info, sin, conv, thr, mem, tg, quick, wall) -> str:
          f"average when the row finished; the machine was shared with other CPU-heavy jobs, so 'best ms', the "
          f"fastest steady step, is the closer estimate of an unshared machine; targets use the median).", "",
          f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, Python {info['python']}, "
-         f"intra-op threads {info['threads']} (set by `--threads`), load average at start "
+         f"intra-op threads {info['threads']} (set by `--threads`), per-task loop threads {TASK_THREADS} (one per "
+         f"CPU, as a training worker runs it), load average at start "
          f"{info['loadavg_start']}; code at commit {info.get('commit')}; measured {info['date']}; "
          f"run took {wall:.0f} s.", "",
          "### Targets", "", "| target | measured | met |", "|---|---:|:---:|"]
