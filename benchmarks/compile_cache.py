@@ -41,7 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+from benchmarks.machine import RESULTS, write_section  # noqa: E402
+
 SECTION = "## Compile cache"
 SOURCE_ID = "compile-cache-random"
 
@@ -181,20 +182,6 @@ def markdown(rows: list, info: dict, cmd: str) -> str:
         L += ["", "The \"auto\" decisions, as the jobs report them (`startup.compile.reason`):", ""]
         L += [f"- {c}, {j}: {why}" for c, j, why in reasons]
     return "\n".join(L) + "\n"
-
-
-def write_section(md: str, path: Path = RESULTS):
-    """Replace (or append) the Compile cache section; every other section is kept verbatim."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    head = SECTION + "\n"
-    start = text.find(head)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + md
-    else:
-        nxt = text.find("\n## ", start + len(head))
-        rest = text[nxt + 1:] if nxt >= 0 else ""
-        text = text[:start] + md + ("\n" + rest if rest else "")
-    path.write_text(text)
 
 
 def main(argv=None):

@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import resource
 import statistics
 import subprocess
@@ -50,7 +49,7 @@ if str(ROOT) not in sys.path:
 from core.tasks import register_source  # noqa: E402
 from core.trainer import MetaTrainer  # noqa: E402
 from schemas.job import JobConfig  # noqa: E402
-from benchmarks.machine import commit as code_commit, cpu_name  # noqa: E402
+from benchmarks.machine import commit as code_commit, cpu_name, write_section  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Core meta-training throughput and memory"
@@ -403,20 +402,6 @@ def markdown(info, sin, conv, thr, mem, tg, quick, wall) -> str:
                  f"{_fmt(r.get('peak_ratio_vs_1'))} | {_fmt(r.get('growth_ratio_vs_1'))} | {r['load1']} |")
     L += ["", FINDINGS.rstrip("\n")]
     return "\n".join(L) + "\n"
-
-
-def write_section(md: str, path: Path = RESULTS):
-    """Replace (or append) the Core section; every other section is kept verbatim."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + md
-    else:
-        m = re.search(r"^## ", text[start + len(SECTION):], flags=re.M)
-        end = start + len(SECTION) + m.start() if m else len(text)
-        rest = text[end:]
-        text = text[:start] + md + ("\n" + rest if rest else "")
-    path.write_text(text)
 
 
 def main(argv=None):

@@ -80,7 +80,7 @@ if str(ROOT) not in sys.path:
 
 from core.trainer import MetaTrainer  # noqa: E402
 from schemas.job import JobConfig  # noqa: E402
-from benchmarks.machine import commit as code_commit, cpu_name  # noqa: E402
+from benchmarks.machine import commit as code_commit, cpu_name, write_section  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Peers"
@@ -702,20 +702,6 @@ def markdown(info, checks, timings, command, wall, notes) -> str:
     if notes:
         L += ["", "### Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(L) + "\n"
-
-
-def write_section(md: str, path: Path = RESULTS):
-    """Replace (or append) the Peers section; every other section is kept verbatim."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    head = SECTION + "\n"
-    start = text.find(head)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + md
-    else:
-        nxt = text.find("\n## ", start + len(head))
-        rest = text[nxt + 1:] if nxt >= 0 else ""
-        text = text[:start] + md + ("\n" + rest if rest else "")
-    path.write_text(text)
 
 
 NOTES = [

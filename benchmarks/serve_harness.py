@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 import psutil
 
+from benchmarks import machine
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -131,13 +133,5 @@ def all_gone(procs, timeout=20) -> list:
 def write_section(lines: list[str]) -> str:
     """Replace (or append) the ``## ...`` section of benchmarks/RESULTS.md whose heading is ``lines[0]``."""
     section = "\n".join(lines) + "\n"
-    results = ROOT / "benchmarks" / "RESULTS.md"
-    text = results.read_text()
-    if lines[0] + "\n" in text:
-        start = text.index(lines[0] + "\n")
-        nxt = text.find("\n## ", start + len(lines[0]))
-        text = text[:start] + section + ("\n" + text[nxt + 1:] if nxt >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    results.write_text(text)
+    machine.write_section(section)
     return section

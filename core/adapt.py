@@ -124,6 +124,23 @@ class _FlatPlan:
         return out
 
 
+def _last_loss(curve: list, diverged, steps: int, loss_fn):
+    """The end of an adaptation loop: the support loss after the last step joins ``curve`` when finite (else the
+    adaptation diverged at ``steps``). Returns the step of divergence or None; a loss that was not finite before
+    any step is a NonFiniteError (the inputs make the model overflow)."""
+    if diverged is None:
+        with torch.no_grad():
+            loss = loss_fn()
+        if torch.isfinite(loss):
+            curve.append(loss)
+        else:
+            diverged = steps
+    if diverged == 0:
+        raise NonFiniteError("the support loss is not finite before adaptation: the inputs' magnitude makes the "
+                             "model overflow")
+    return diverged
+
+
 class MetaModel:
     """``extra``: the algorithm's own meta-learned tensors (Meta-SGD's learning rates, T-net's T, ...). For
     those algorithms (``custom_adapt``) ``adapt`` and ``predict`` run the algorithm's own inner rule and
@@ -318,17 +335,8 @@ class MetaModel:
                     buf.copy_(flat)
             if on_step is not None:
                 on_step(step, {**frozen, **unflat(flat)})
-        if diverged is None:
-            with torch.no_grad():
-                loss = objective({**frozen, **unflat(flat)}, unflat(flat))[0]
-            if torch.isfinite(loss):
-                curve.append(loss)
-            else:
-                diverged = steps
+        diverged = _last_loss(curve, diverged, steps, lambda: objective({**frozen, **unflat(flat)}, unflat(flat))[0])
         if diverged is not None:
-            if diverged == 0:
-                raise NonFiniteError("the support loss is not finite before adaptation: the inputs' magnitude makes "
-                                     "the model overflow")
             flat = last_good
         params = {**frozen, **plan.unflat(flat, copy=True)}
         return AdaptResult(params, chosen, [float(v) for v in torch.stack(curve).cpu()], diverged)
@@ -356,17 +364,8 @@ class MetaModel:
                 theta = update(theta, dict(zip(leaves, grads)))
             if on_step is not None:
                 on_step(step, {**frozen, **theta})
-        if diverged is None:
-            with torch.no_grad():
-                loss = objective({**frozen, **theta}, theta)[0]
-            if torch.isfinite(loss):
-                curve.append(loss)
-            else:
-                diverged = steps
+        diverged = _last_loss(curve, diverged, steps, lambda: objective({**frozen, **theta}, theta)[0])
         if diverged is not None:
-            if diverged == 0:
-                raise NonFiniteError("the support loss is not finite before adaptation: the inputs' magnitude makes "
-                                 "the model overflow")
             theta = last_good
         return AdaptResult({**frozen, **theta}, chosen, [float(v) for v in torch.stack(curve).cpu()], diverged)
 

@@ -10,14 +10,19 @@ import torch
 
 from benchmarks import peers
 
-TOL = 1e-12  # float64; measured differences are ~1e-16 relative
+TOL = 1e-12  # float64 meta-gradients; measured differences are ~1e-16 to 2e-14 relative
+# after one Adam step: a coordinate whose meta-gradient is ~0 (conv biases before batch-norm) moves by
+# lr * g / (|g| + eps), so gradient rounding differences come back multiplied by up to lr / eps = 1e5
+STEP_TOL = TOL * peers.OUTER_LR / 1e-8
 
 
 def _assert_match(check):
     scale = max(1.0, check["grad_scale"])
     for name, d in check["peers"].items():
-        for key in ("grad_phi", "grad_log_sigma2", "step_phi", "step_log_sigma2"):
+        for key in ("grad_phi", "grad_log_sigma2"):
             assert d[key] <= TOL * scale, (name, key, d)
+        for key in ("step_phi", "step_log_sigma2"):
+            assert d[key] <= STEP_TOL * scale, (name, key, d)
 
 
 @pytest.mark.parametrize("alg", peers.ALGS)
@@ -67,7 +72,7 @@ def test_conv4_omniglot_sigma_maml_matches_the_torch_reference():
     _assert_match(c)
 
 
-@pytest.mark.parametrize("peer", peers.PEER_NAMES)
+@pytest.mark.parametrize("peer", peers.peers_for("sinusoid", peers.PEER_NAMES))
 def test_peer_package_matches_ours_on_sinusoid(peer):
     if not peers.available(peer):
         pytest.skip(f"{peers.PEER_MODULE[peer]} is not installed in this venv (make peers builds .venv-peers with it)")
