@@ -67,6 +67,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -104,7 +105,7 @@ WORKLOADS = {
 
 # --------------------------------------------------------------------------- configs and shared data
 def job_config(workload: str, alg: str, dtype: str = "float32", meta_batch: int | None = None,
-               steps: int | None = None, vectorize: str | None = None) -> dict:
+               steps: int | None = None, vectorize: str | None = None, compile: bool = False) -> dict:
     w = WORKLOADS[workload]
     if w["family"] == "sinusoid":
         model, tasks = {"arch": "mlp", "hidden": [40, 40]}, {"family": "sinusoid", "shots": 10, "query": 10}
@@ -119,7 +120,7 @@ def job_config(workload: str, alg: str, dtype: str = "float32", meta_batch: int 
         "inner": {"steps": steps or w["steps"], "lr": w["lr"], "optimizer": "sgd"},
         "outer": {"meta_batch": meta_batch or w["meta_batch"], "optimizer": "adam", "lr_phi": OUTER_LR,
                   "lr_log_sigma2": OUTER_LR},
-        "execution": {"vectorize": vectorize or w["vectorize"], "compile": False, "device": "cpu", "dtype": dtype},
+        "execution": {"vectorize": vectorize or w["vectorize"], "compile": compile, "device": "cpu", "dtype": dtype},
         "seed": 0}).model_dump()
 
 
@@ -239,6 +240,26 @@ class Ours:
 
     def params(self):
         return dict(self.trainer.meta["phi"]), self.trainer.meta["log_sigma2"]
+
+
+class OursCompiled(Ours):
+    """The same with ``execution.compile: true`` (what "auto", the default, picks for a long conv4 or sinusoid job):
+    the vmapped meta-step (sinusoid) or one task's update (conv4 loop) compiled. Its first step compiles (a cold
+    cache: torch's caches are pointed at a fresh directory); that time is reported apart, not in the step times."""
+    name = "ours-compiled"
+
+    def __init__(self, workload, alg):
+        torch._dynamo.reset()  # one compiled variant per trainer; stay clear of Dynamo's recompile limit
+        self.trainer = MetaTrainer(job_config(workload, alg, compile=True))
+        self.sigma = alg == "sigma_maml"
+        self.compile_s = None
+
+    def step(self, batch):
+        t0 = time.perf_counter()
+        out = super().step(batch)
+        if self.compile_s is None:
+            self.compile_s = time.perf_counter() - t0
+        return out
 
 
 class _Peer:
@@ -488,7 +509,7 @@ def _timed(fn):
     return time.perf_counter() - w0, time.process_time() - c0
 
 
-def time_workload(workload, alg, peers, min_repeats, max_repeats, budget_s, seed=0) -> dict:
+def time_workload(workload, alg, peers, min_repeats, max_repeats, budget_s, seed=0, compiled=False) -> dict:
     """Interleaved repeats: one shared batch per repeat, every contender's step on it, plus ours end-to-end.
 
     Repeats go on while the next one is expected to end within ``budget_s`` (at least ``min_repeats``, at most
@@ -497,6 +518,8 @@ def time_workload(workload, alg, peers, min_repeats, max_repeats, budget_s, seed
     ours = Ours(workload, alg)
     ours_e2e = Ours(workload, alg)
     contenders = [ours] + [build_peer(name, workload, alg, ours, torch.float32) for name in peers]
+    if compiled:
+        contenders.append(OursCompiled(workload, alg))
     fam, mb = ours.trainer.family, ours.trainer.config["outer"]["meta_batch"]
     g = torch.Generator().manual_seed(seed + 99)
 
@@ -527,6 +550,8 @@ def time_workload(workload, alg, peers, min_repeats, max_repeats, budget_s, seed
               + ", ".join(f"{n} {wall[n] * 1e3:.1f}" for n in names + ["ours_e2e"])
               + f" ms (wall), load1 {rows[-1]['load1']}", flush=True)
     out = summarize(workload, alg, names, rows)
+    if compiled:
+        out["compile_s"] = round(contenders[-1].compile_s, 1)
     phi, ls = ours.params()
     # conv biases feed batch-norm: their meta-gradient is 0 up to rounding, so Adam moves them by +-lr on noise
     # and they part ways at once; they are reported apart
@@ -546,7 +571,7 @@ def time_workload(workload, alg, peers, min_repeats, max_repeats, budget_s, seed
 
 
 def summarize(workload, alg, names, rows) -> dict:
-    peers = [n for n in names if n != "ours"]
+    peers = [n for n in names if not n.startswith("ours")]
 
     def med(key, n):
         return statistics.median(r[key][n] for r in rows)
@@ -558,6 +583,8 @@ def summarize(workload, alg, names, rows) -> dict:
                                                                   for n in peers) for r in rows]
 
     wall_r, cpu_r, e2e_r = ratios("wall"), ratios("cpu"), ratios("wall", extra=1.0)
+    comp_r = [r["wall"]["ours-compiled"] / min(r["wall"][n] for n in peers) for r in rows] \
+        if "ours-compiled" in names and peers else []
     return {"workload": workload, "alg": alg, "repeats": len(rows),
             "median_ms": {n: round(med("wall", n) * 1e3, 2) for n in names},
             "min_ms": {n: round(min(r["wall"][n] for r in rows) * 1e3, 2) for n in names},
@@ -573,6 +600,8 @@ def summarize(workload, alg, names, rows) -> dict:
                           for n in peers}},
             "e2e_ratios": [round(x, 3) for x in e2e_r],
             "e2e_ratio_median": round(statistics.median(e2e_r), 3) if e2e_r else None,
+            "compiled_ratios": [round(x, 3) for x in comp_r],
+            "compiled_ratio_median": round(statistics.median(comp_r), 3) if comp_r else None,
             "load1": [r["load1"] for r in rows]}
 
 
@@ -649,12 +678,14 @@ def markdown(info, checks, timings, command, wall, notes) -> str:
          "others shows up as an outlier in the range; the median is robust to a few of them. An empty cell is a peer left out because its meta-gradient differs from ours (gradient table "
          "below).", "",
          "### Meta-step on a given batch (compute only)", "",
-         "| workload | algorithm | torchopt (loop) ms | torchopt (loop, channels-last) ms | torchopt (vmap) ms | higher ms | ours ms | ratio ours / best peer | CPU ratio | n |",
-         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+         "| workload | algorithm | torchopt (loop) ms | torchopt (loop, channels-last) ms | torchopt (vmap) ms | higher ms | ours ms | ratio ours / best peer | CPU ratio | ours compiled ms | ratio compiled / best peer | compile s | n |",
+         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for t in timings:
         L.append(f"| {WORKLOADS[t['workload']]['label']} | {t['alg']} | {_cell(t, 'median_ms', 'torchopt')} | "
                  f"{_cell(t, 'median_ms', 'torchopt-cl')} | {_cell(t, 'median_ms', 'torchopt-vmap')} | {_cell(t, 'median_ms', 'higher')} | "
-                 f"{_f(t['median_ms']['ours'])} | {_range(t, 'ratios')} | {_range(t, 'cpu_ratios')} | {t['repeats']} |")
+                 f"{_f(t['median_ms']['ours'])} | {_range(t, 'ratios')} | {_range(t, 'cpu_ratios')} | "
+                 f"{_f(t['median_ms'].get('ours-compiled'))} | {_range(t, 'compiled_ratios')} | "
+                 f"{_f(t.get('compile_s'))} | {t['repeats']} |")
     L += ["", "### End-to-end meta-step including task sampling", "",
           "ours: the unmodified `MetaTrainer.step()` on a second trainer of the same config (it draws its own tasks), "
           "timed in every repeat among the others. A peer: that repeat's sampling time (Metashrink's sampler, the same "
@@ -729,6 +760,13 @@ NOTES = [
     "an im2col matrix product (oneDNN's one-channel convolution ran at ~9 GFLOP/s). Same function and "
     "meta-gradient (table above). The peers run as their examples write them: NCHW, one task at a time on both "
     "intra-op threads.",
+    "ours-compiled: a second trainer of ours with `execution.compile: true`, the path the default "
+    "(`compile: \"auto\"`) takes for a job long enough to repay the compile (benchmarks/RESULTS.md, \"Compile "
+    "cache\"): sinusoid compiles the whole vmapped meta-step, conv4 one task's update (the loop stays in Python "
+    "and runs its tasks one at a time on both intra-op threads). Its first step compiled with a cold cache "
+    "(compile s, not in the step times; the cache makes later jobs of the shape start in ~3 s). The peers "
+    "cannot be compiled the same way (torch.compile does not take autograd.grad(create_graph=True) inside a "
+    "compiled region), so they run eager.",
     "ours runs vmap for sinusoid and the per-task loop for conv4 (execution.vectorize; the faster of the two for "
     "each in benchmarks/core_bench.py); torchopt runs both ways (loop: MetaSGD; vmap: functional torchopt.sgd + "
     "torch.func), higher has no vmap form.",
@@ -763,6 +801,8 @@ def main(argv=None):
     ap.add_argument("--only", nargs="*", choices=tuple(WORKLOADS), help="run only these workloads")
     ap.add_argument("--algs", nargs="*", choices=ALGS, default=list(ALGS))
     ap.add_argument("--no-write", action="store_true", help="do not touch benchmarks/RESULTS.md")
+    ap.add_argument("--no-compiled", action="store_true",
+                    help="leave out ours-compiled (execution.compile true; ~25-35 s of compiling per workload)")
     ap.add_argument("--json", type=str, default=None, help="also write the JSON result to this file")
     ap.add_argument("--render", type=str, default=None, metavar="JSON",
                     help="measure nothing: write the Peers section from a saved JSON result of this script (the "
@@ -777,6 +817,8 @@ def main(argv=None):
             write_section(md)
         return
     torch.set_num_threads(args.threads)
+    if not args.no_compiled:  # cold compiles: torch's caches in a fresh directory
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="peers-inductor-")
     schedule = dict(SCHEDULE_QUICK if args.quick else SCHEDULE)
     if args.repeats:
         schedule.update({w: (int(n), int(n), 0.0) for w, n in zip(WORKLOADS, args.repeats.split(","))})
@@ -815,7 +857,7 @@ def main(argv=None):
         for alg in args.algs:
             t0 = time.perf_counter()
             t = time_workload(w, alg, [p for p in peers_for(w, peers) if p not in excluded.get((w, alg), [])],
-                              *schedule[w])
+                              *schedule[w], compiled=not args.no_compiled)
             t["excluded"] = excluded.get((w, alg), [])
             print(f"[time {w} {alg} {time.perf_counter() - t0:.1f} s] {json.dumps(t)}", flush=True)
             timings.append(t)
