@@ -172,23 +172,36 @@ class MetaTrainer:
                     update = torch.compile(self.algorithm.task_update, dynamic=False)
                 else:
                     update = self.algorithm.eager_task_update
+                compiled = [False]
 
                 def fn(meta, *args):
-                    outs = self._map_tasks(update, meta, args, parallel=not compile)
+                    if compile and not compiled[0]:
+                        # the first task alone on this thread compiles (Dynamo compiles one caller at a time), with
+                        # the intra-op thread count the task threads run at: Inductor bakes it into its kernels
+                        threads = torch.get_num_threads()
+                        if self._task_workers(args[0].shape[0]) > 1:
+                            torch.set_num_threads(1)
+                        try:
+                            first = update(meta, *(a[0] for a in args))
+                        finally:
+                            torch.set_num_threads(threads)
+                        compiled[0] = True
+                        outs = [first] + self._map_tasks(update, meta, tuple(a[1:] for a in args))
+                    else:
+                        outs = self._map_tasks(update, meta, args)
                     return torch.utils._pytree.tree_map(lambda *t: torch.stack(t), *outs)
             self._fns[key] = fn
         return self._fns[key]
 
-    def _map_tasks(self, update, meta, args, parallel: bool):
-        """``update`` on every task of the batch, in task order. On CPU with ``parallel`` the tasks are split
+    def _map_tasks(self, update, meta, args):
+        """``update`` on every task of the batch, in task order. On CPU the tasks are split
         into contiguous shares, one per task thread (``task_threads``), each share run by its own thread with one
         intra-op thread: the per-task graphs are small (a 5-image support, a 75-image query), so two tasks at a time on
         two cores beat one task at a time on both (1.45x on conv4 MAML, benchmarks/peers.py). The results do
         not depend on the scheduling (each task's numbers are computed by one thread and stacked in order); they
         depend on the intra-op thread count, as any run does."""
         n = args[0].shape[0]
-        parallel = parallel and self.device.type == "cpu" and self.algorithm.thread_safe
-        workers = min(n, self.task_threads or torch.get_num_threads()) if parallel else 1
+        workers = self._task_workers(n)
 
         def run(tasks):
             if workers > 1:
@@ -205,6 +218,11 @@ class MetaTrainer:
             return [out for part in self._pool.map(run, shares) for out in part]
         finally:
             torch.set_num_threads(threads)
+
+    def _task_workers(self, n: int) -> int:
+        if self.device.type != "cpu" or not self.algorithm.thread_safe:
+            return 1
+        return min(n, self.task_threads or torch.get_num_threads())
 
     def task_updates(self, batch, mode=None):
         """Per-task meta-updates and metrics, each with a leading task axis."""
