@@ -763,7 +763,7 @@ NOTES = [
     "ours-compiled: a second trainer of ours with `execution.compile: true`, the path the default "
     "(`compile: \"auto\"`) takes for a job long enough to repay the compile (benchmarks/RESULTS.md, \"Compile "
     "cache\"): sinusoid compiles the whole vmapped meta-step, conv4 one task's update (the loop stays in Python "
-    "and runs its tasks one at a time on both intra-op threads). Its first step compiled with a cold cache "
+    "and runs its tasks on the task threads, as eager does; the first task compiles alone at one intra-op thread). Its first step compiled with a cold cache "
     "(compile s, not in the step times; the cache makes later jobs of the shape start in ~3 s). The peers "
     "cannot be compiled the same way (torch.compile does not take autograd.grad(create_graph=True) inside a "
     "compiled region), so they run eager.",
