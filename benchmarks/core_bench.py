@@ -304,10 +304,9 @@ FINDINGS = """### Why the slow paths are slow, and what measured faster
 - **conv4.** Compute-bound: a meta-step is ~40 GFLOP, dominated by the 75 query images per task (the
   [75, 64, 14, 14] activations of the first two layers: their convolution backward, batch-norm and ReLU passes).
   What made the per-task loop 1.5x+ faster than the peers (benchmarks/peers.py, "Peers"): tasks on parallel
-  threads with one intra-op thread each (two tasks at once on two cores beat one task on both: 1.79x over one
-  thread), plain autograd instead of torch.func's grad of grad in each task (~20% less), channels-last memory
-  (now the default), and the one-channel first layer as im2col + one addmm (oneDNN's 1-channel convolution ran
-  at ~9 GFLOP/s). vmap turns per-task weights into grouped convolutions and stays slower than the loop.
+  threads with one intra-op thread each (two tasks at once on two cores beat one task on both), plain autograd instead of torch.func's grad of grad in each task (that form took 1.22x the loop peers' time at fa28324), channels-last memory
+  (now the default), and the one-channel first layer as im2col + one addmm (oneDNN's 1-channel convolution is
+  slow per FLOP on CPU). vmap turns per-task weights into grouped convolutions and stays slower than the loop.
   Compiling conv4 now compiles one task's update (32-35 s cold, ~3 s from the cache; "Compile cache").
 - **Memory.** sigma-iMAML and sigma-Reptile adapt without keeping a graph: peak growth is flat in the
   number of inner steps; sigma-MAML's grows linearly (it backpropagates through the unrolled steps).

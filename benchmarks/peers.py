@@ -755,9 +755,10 @@ NOTES = [
     "What ours does on conv4 (core/trainer.py `_map_tasks`, core/algorithms.py `Backprop.eager_task_update`, "
     "core/models.py): the per-task loop runs its tasks on parallel threads, one per intra-op thread (here 2), "
     "each with one intra-op thread; each task's update is plain autograd (torch.autograd.grad with "
-    "create_graph, like the peers; torch.func's grad of grad cost ~20% more); the convolutions run on "
+    "create_graph, like the peers; torch.func's grad of grad took 1.22x the loop peers' time in this harness at "
+    "fa28324); the convolutions run on "
     "channels-last memory (`model.channels_last`, default true) and the first layer of a one-channel input is "
-    "an im2col matrix product (oneDNN's one-channel convolution ran at ~9 GFLOP/s). Same function and "
+    "an im2col matrix product (oneDNN's one-channel convolution is slow per FLOP on CPU). Same function and "
     "meta-gradient (table above). The peers run as their examples write them: NCHW, one task at a time on both "
     "intra-op threads.",
     "ours-compiled: a second trainer of ours with `execution.compile: true`, the path the default "

@@ -224,7 +224,8 @@ class Backprop(Algorithm):
     def eager_task_update(self, meta, xs, ys, xq, yq):
         """``task_update`` with plain autograd (``torch.autograd.grad(create_graph=True)`` for the inner
         gradients, one backward for the meta-gradient): the same unrolled graph and the same numbers (tested to
-        1e-12 in float64), without torch.func's per-op wrapping, which costs ~20% on conv4 (benchmarks/peers.py).
+        1e-12 in float64), without torch.func's per-op wrapping (the torch.func form took 1.22x the autograd loop peers' time on conv4 in
+        benchmarks/peers.py at fa28324).
         The hvp mode keeps its own form."""
         if self.second_order == "hvp":
             return self.task_update(meta, xs, ys, xq, yq)

@@ -107,8 +107,8 @@ class Conv4(nn.Module):
 
 def _conv_one_channel(x, weight, bias, stride):
     """``F.conv2d(x, weight, bias, stride, padding=1)`` for a one-channel input (grey images) as im2col and one
-    matrix product, the output in channels-last memory. oneDNN's convolution of a single input channel runs at
-    ~9 GFLOP/s here (1.8 ms for a 75-image 28x28 batch, 2 threads), the matrix product at ~10x that; the same
+    matrix product, the output in channels-last memory (oneDNN's convolution of a single input channel is far
+    slower per FLOP on CPU than its 64-channel layers); the same
     function (to 4e-15 in float64, tests/test_core_numerics.py), vmaps (im2col has a batching rule)."""
     n, _, h, w = x.shape
     k = weight.shape[-1]

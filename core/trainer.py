@@ -197,7 +197,7 @@ class MetaTrainer:
         """``update`` on every task of the batch, in task order. On CPU the tasks are split
         into contiguous shares, one per task thread (``task_threads``), each share run by its own thread with one
         intra-op thread: the per-task graphs are small (a 5-image support, a 75-image query), so two tasks at a time on
-        two cores beat one task at a time on both (1.45x on conv4 MAML, benchmarks/peers.py). The results do
+        two cores beat one task at a time on both (conv4: benchmarks/peers.py, "Peers"). The results do
         not depend on the scheduling (each task's numbers are computed by one thread and stacked in order); they
         depend on the intra-op thread count, as any run does."""
         n = args[0].shape[0]

@@ -179,8 +179,8 @@ class Conv4Model(Strict):
         "strided", description="strided: 3x3 conv stride 2 (few-shot, Finn et al.); maxpool: stride 1 + 2x2 max-pool (App. E.1)"
     )
     channels_last: bool = Field(
-        True, description="convolutions on channels-last (NHWC) memory: 1.3-1.4x faster per-task loop on CPU "
-                          "(benchmarks/peers.py); the same function either way")
+        True, description="convolutions on channels-last (NHWC) memory: a faster conv4 MAML per-task loop on CPU "
+                          "(benchmarks/core_bench.py, conv4 rows); the same function either way")
 
 
 class IdentityModel(Strict):
