@@ -29,6 +29,31 @@ def _reachable(host, port):
         return False
 
 
+@contextlib.contextmanager
+def redis_db():
+    """A Redis DB number (1-15) on the shared server that no other live fixture or test run holds: a lease key in
+    DB 0 (SET NX with an expiry, so a crashed run frees it) claims it; the DB is flushed on entry and on exit.
+    Picking a number at random let the PostgreSQL service fixture and the compose test share a broker, whose
+    workers then answered each other's readiness broadcast."""
+    import redis
+    admin = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=0)
+    owner = uuid.uuid4().hex
+    t0 = time.monotonic()
+    key = "metashrink-tests:redis-db:{}".format
+    while (dbn := next((n for n in random.sample(range(1, 16), 15)
+                        if admin.set(key(n), owner, nx=True, ex=4 * 3600)), None)) is None:
+        assert time.monotonic() - t0 < 300, "every Redis DB 1-15 is held by another test run"
+        time.sleep(1)
+    db = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=dbn)
+    db.flushdb()
+    try:
+        yield dbn
+    finally:
+        db.flushdb()
+        if admin.get(key(dbn)) == owner.encode():
+            admin.delete(key(dbn))
+
+
 def small_config(steps=40, seed=0, **over):
     cfg = {**job_config(steps), "seed": seed}
     cfg.update(over)
@@ -129,7 +154,6 @@ def running_service(kind: str, tmp, extra_env: dict | None = None):
         if not (_reachable("127.0.0.1", 5432) and _reachable(REDIS_HOST, REDIS_PORT)):
             pytest.skip("PostgreSQL or Redis is not running on 127.0.0.1 (.ci/run starts them)")
         import psycopg
-        import redis
         name = f"ms_{uuid.uuid4().hex[:12]}"
         with psycopg.connect(PG_ADMIN, autocommit=True) as c:
             c.execute(f'CREATE DATABASE "{name}"')
@@ -139,11 +163,11 @@ def running_service(kind: str, tmp, extra_env: dict | None = None):
                 c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         cleanup.append(drop)
         db_url = f"postgresql://postgres@127.0.0.1:5432/{name}"
-        # a dedicated Redis DB number, so that parallel runs do not share queues
-        dbn = random.Random(uuid.uuid4().int).randint(1, 15)
-        redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=dbn).flushdb()
+        # a Redis DB number of its own, so that other fixtures and parallel runs do not share queues
+        stack = contextlib.ExitStack()
+        dbn = stack.enter_context(redis_db())
         broker = f"redis://{REDIS_HOST}:{REDIS_PORT}/{dbn}"
-        cleanup.append(lambda: redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=dbn).flushdb())
+        cleanup.append(stack.close)
 
     env = dict(os.environ)
     env.update({

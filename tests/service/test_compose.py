@@ -19,7 +19,6 @@ ones and are only validated by ``docker-compose config``.
 from __future__ import annotations
 
 import os
-import random
 import re
 import shlex
 import shutil
@@ -35,7 +34,7 @@ import pytest
 
 from benchmarks.serve_harness import job_config
 
-from .conftest import PG_ADMIN, REDIS_HOST, REDIS_PORT, _reachable
+from .conftest import PG_ADMIN, REDIS_HOST, REDIS_PORT, _reachable, redis_db
 
 pytestmark = pytest.mark.slow
 
@@ -221,25 +220,23 @@ def compose(tmp_path):
     if not (_reachable("127.0.0.1", 5432) and _reachable(REDIS_HOST, REDIS_PORT)):
         pytest.skip("PostgreSQL or Redis is not running on 127.0.0.1 (.ci/run starts them)")
     import psycopg
-    import redis
 
     name = f"ms_compose_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(PG_ADMIN, autocommit=True) as c:
         c.execute(f'CREATE DATABASE "{name}"')
-    dbn = random.Random(uuid.uuid4().int).randint(1, 15)
-    r = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=dbn)
-    r.flushdb()
     data = tmp_path / "data"
     data.mkdir()
-    local = Local(load_compose(), data, f"postgresql://postgres@127.0.0.1:5432/{name}",
-                  f"redis://{REDIS_HOST}:{REDIS_PORT}/{dbn}")
     procs = {}
     try:
-        yield local, procs, tmp_path
+        with redis_db() as dbn:
+            local = Local(load_compose(), data, f"postgresql://postgres@127.0.0.1:5432/{name}",
+                          f"redis://{REDIS_HOST}:{REDIS_PORT}/{dbn}")
+            try:
+                yield local, procs, tmp_path
+            finally:
+                for p in reversed(list(procs.values())):
+                    stop(p)
     finally:
-        for p in reversed(list(procs.values())):
-            stop(p)
-        r.flushdb()
         with psycopg.connect(PG_ADMIN, autocommit=True) as c:
             c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

@@ -412,8 +412,10 @@ def test_an_adapt_past_its_deadline_is_cut_and_frees_the_worker(service, referen
 
 # --------------------------------------------------------------------------- resume
 def _chaos_config():
-    # a heartbeat every step, so that a kill lands at the step the test chose, between checkpoints (every 5)
-    return small_config(steps=130, outer={"meta_batch": 50, "steps": 130, "lr_phi": 0.003, "lr_log_sigma2": 0.01},
+    # a heartbeat every step, so that a kill lands at the step the test chose, between checkpoints (every 5);
+    # 200 steps, so that the last kill (step <= 119) lands well before the end: with 130 the resumed job once ran
+    # its last 11 steps between two 0.2 s polls and ended before the 20th kill
+    return small_config(steps=200, outer={"meta_batch": 50, "steps": 200, "lr_phi": 0.003, "lr_log_sigma2": 0.01},
                         run={"checkpoint_every": 5, "module_map_every": 10, "log_every": 1})
 
 
@@ -446,7 +448,7 @@ def test_resume_after_20_random_sigkills(service, chaos_reference):
     its metrics are contiguous and its final parameters equal the uninterrupted run's, bit for bit."""
     import random
     rng = random.Random(11)
-    points = [6 * i + 3 + rng.randrange(3) for i in range(20)]  # 3..119 of 130 steps
+    points = [6 * i + 3 + rng.randrange(3) for i in range(20)]  # 3..119 of 200 steps
     jid = service.submit(_chaos_config())
     kills = 0
     for at in points:
@@ -462,7 +464,7 @@ def test_resume_after_20_random_sigkills(service, chaos_reference):
     assert j["attempts"] <= 2, j  # consecutive claims since the last checkpoint
     _same_model(service, j["model_id"], chaos_reference["model_id"])
     series = service.client.get(f"/v1/jobs/{jid}/metrics", headers=service.h()).json()["series"]
-    assert [s for s, _ in series["query_loss"]] == list(range(1, 131))
+    assert [s for s, _ in series["query_loss"]] == list(range(1, 201))
 
 
 def test_retry_resumes_a_canceled_job(service, chaos_reference):
