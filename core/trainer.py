@@ -146,6 +146,7 @@ class MetaTrainer:
                              ("multi-rank jobs stay eager" if comm is not None else None)}
         self._fns = {}
         self._pool = None  # worker threads of the per-task loop (_map_tasks)
+        self.recompiles = 0  # compiled per-task loop: batches whose task threads met a guard failure (_batched)
 
     # ------------------------------------------------------------------ per-task updates
     def _batched(self, mode: str, compile: bool | None = None):
@@ -175,7 +176,19 @@ class MetaTrainer:
                 compiled = [False]
 
                 def fn(meta, *args):
-                    if compile and not compiled[0]:
+                    outs = None
+                    if compile and compiled[0]:
+                        # compiled code only, on the task threads: concurrent compiles are not thread-safe
+                        # (pytorch#118260), so a guard that fails mid-job (a new shape) raises there instead of
+                        # recompiling, and the batch runs again below, its first task compiling alone
+                        try:
+                            with torch.compiler.set_stance("fail_on_recompile"):
+                                outs = self._map_tasks(update, meta, args)
+                        except RuntimeError as e:
+                            if "fail_on_recompile" not in str(e):
+                                raise
+                            self.recompiles += 1
+                    if compile and outs is None:
                         # the first task alone on this thread compiles (Dynamo compiles one caller at a time), with
                         # the intra-op thread count the task threads run at: Inductor bakes it into its kernels
                         threads = torch.get_num_threads()
@@ -186,8 +199,9 @@ class MetaTrainer:
                         finally:
                             torch.set_num_threads(threads)
                         compiled[0] = True
-                        outs = [first] + self._map_tasks(update, meta, tuple(a[1:] for a in args))
-                    else:
+                        with torch.compiler.set_stance("fail_on_recompile"):
+                            outs = [first] + self._map_tasks(update, meta, tuple(a[1:] for a in args))
+                    elif outs is None:
                         outs = self._map_tasks(update, meta, args)
                     return torch.utils._pytree.tree_map(lambda *t: torch.stack(t), *outs)
             self._fns[key] = fn

@@ -198,3 +198,22 @@ def test_auto_decision_survives_resume_bit_for_bit(cache, cheap_compiles, cls):
     third = cls(cfg)
     third.load_state_dict({k: v.clone() for k, v in early[0].items()}, early[1])
     assert third.compile_info["decision"] == "pending"
+
+
+def test_compiled_loop_recompiles_a_new_shape_on_the_calling_thread_only(cache):
+    """The compiled per-task loop runs tasks 2..n on the task threads under Dynamo's "fail_on_recompile" stance
+    (concurrent compiles are not thread-safe): within a batch nothing recompiles, and a batch of a new shape (a
+    guard failure mid-job) is run again with its first task compiling alone; its numbers equal the eager loop's."""
+    cfg = tiny(compile=True, outer={"meta_batch": 4}, execution={"dtype": "float64"})
+    t, eager = MetaTrainer(cfg, task_threads=2), MetaTrainer({**cfg, "execution": {**cfg["execution"],
+                                                                                    "compile": False}})
+    flat = torch.utils._pytree.tree_leaves
+    g = torch.Generator().manual_seed(5)
+    for query in (4, 4, 7):
+        batch = t._with_noise(t.family.sample(4, g).to(t.device, t.dtype))
+        if query != 4:  # fewer query rows: a new shape for the compiled update's guards
+            batch = (*batch[:2], batch[2][:, :3], batch[3][:, :3], *batch[4:])
+        compiled = t.task_updates(batch, "loop")
+        for a, b in zip(flat(compiled), flat(eager.task_updates(batch, "loop"))):
+            assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    assert t.recompiles == 1  # the third batch only
