@@ -14,7 +14,8 @@ traces the Python each time; ``benchmarks/compile_cache.py``).
 On top of that, :class:`CompileRecords` keeps one small JSON file per job shape (``records_dir()``, beside the
 caches, so the two are deleted together): how long its last compile took, whether it was cold or warm, and the
 measured eager and compiled step times. ``execution.compile: "auto"`` reads it to predict what compiling will
-cost (a warm cache: seconds) and whether it pays (a compiled step that was slower than eager is not tried again).
+cost (a warm cache: seconds) and whether it pays (a compiled step that was slower than eager is not tried again
+for a week, ``core.trainer.RETRY_SLOWER_AFTER_S``).
 The record's key (:func:`shape_key`) is this code's, and errs on the side of telling apart configs the compiled
 graph may not depend on (a record missing only costs a conservative estimate); correctness never depends on it.
 """

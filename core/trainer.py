@@ -33,6 +33,10 @@ REPAY_UNKNOWN = 1.5
 # ... or, when a record says how much faster the compiled step was, when the time it saves is at least this many
 # times the expected compile time
 REPAY_KNOWN = 1.5
+# a record saying the compiled step was slower than eager (measured once, on a host whose load varies) holds for
+# this long; after it the next long job of the shape measures again (a failed compile is not retried: the record
+# is per torch version, and the same graph fails the same way)
+RETRY_SLOWER_AFTER_S = 7 * 24 * 3600.0
 
 
 def reduce_tasks(deltas, metrics):
@@ -381,7 +385,7 @@ class MetaTrainer:
         expected compile time (COLD_COMPILE_S, or the last warm compile of this shape when the compile records
         know it: the cache holds the graph). When a record says how much faster the compiled step was (ratio
         r), the saving R e (1 - r) must be REPAY_KNOWN x the expected compile time; a shape whose compiled
-        step was slower, or failed to compile, is not compiled again. After compiling, the compiled step is
+        step was slower is not compiled again for RETRY_SLOWER_AFTER_S, one that failed to compile never. After compiling, the compiled step is
         timed on the same batch and kept only if it beats the eager one. The step's numbers come from the path
         kept (eager before the decision), and checkpoints record the decision (a resumed job keeps it)."""
         self._auto_calls += 1
@@ -399,14 +403,18 @@ class MetaTrainer:
         info = {"at_step": self.step_count, "eager_step_s": round(eager_s, 6), "remaining_steps": remaining,
                 "record": bool(rec)}
         expected = (rec.get("warm_compile_s") or WARM_COMPILE_S) if rec else COLD_COMPILE_S
+        slower_age = time.time() - rec.get("updated_at", 0.0) if rec.get("faster") is False else None
+        retry = slower_age is not None and not rec.get("error") and slower_age >= RETRY_SLOWER_AFTER_S
         ratio = (rec["compiled_step_s"] / rec["eager_step_s"]
-                 if rec.get("compiled_step_s") and rec.get("eager_step_s") else None)
+                 if rec.get("compiled_step_s") and rec.get("eager_step_s") and not retry else None)
         info["expected_compile_s"] = round(expected, 3)
         if remaining < AUTO_MIN_REMAINING:
             go, reason = False, f"job too short: {remaining} steps left (< {AUTO_MIN_REMAINING})"
-        elif rec.get("faster") is False:
+        elif slower_age is not None and not retry:
             go, reason = False, ("this shape failed to compile before" if rec.get("error") else
-                                 "this shape's compiled step was measured slower than eager before")
+                                 f"this shape's compiled step was measured slower than eager "
+                                 f"{slower_age / 3600:.1f} h ago (measured again after "
+                                 f"{RETRY_SLOWER_AFTER_S / 3600:.0f} h)")
         elif ratio is not None:
             saving = remaining * eager_s * max(0.0, 1.0 - ratio)
             go = saving >= REPAY_KNOWN * expected
@@ -417,6 +425,8 @@ class MetaTrainer:
             go = left >= REPAY_UNKNOWN * expected
             reason = (f"eager time left {left:.1f} s ({remaining} steps x {eager_s * 1e3:.2f} ms) "
                       f"{'>=' if go else '<'} {REPAY_UNKNOWN} x expected compile {expected:.1f} s")
+            if retry:
+                reason = f"compiled step measured slower {slower_age / 86400:.0f} days ago, measuring again: {reason}"
         self._compile_decided = True
         if not go:
             self.compile_info.update(decision="eager", reason=reason, **info)

@@ -148,7 +148,7 @@ def test_auto_compiles_a_long_job_and_records_the_measurement(cache, cheap_compi
         assert t2.compile_info.get("cache_hit") in (True, None)  # None: the measured saving did not repay it
 
 
-def test_auto_keeps_eager_when_compiled_is_slower_and_numbers_stay_eager(cache, cheap_compiles):
+def test_auto_keeps_eager_when_compiled_is_slower_and_numbers_stay_eager(cache, cheap_compiles, monkeypatch):
     """The compile trial runs on the decision step's batch without touching the trainer: when the compiled
     step loses, the job is bit for bit the uncompiled job, Hessian-vector products included (sigma-iMAML: the
     compiled path switches them to reverse mode)."""
@@ -168,6 +168,15 @@ def test_auto_keeps_eager_when_compiled_is_slower_and_numbers_stay_eager(cache, 
     again.run(steps=6)
     assert again.compile_info["decision"] == "eager" and "slower" in again.compile_info["reason"]
     assert counters_delta(before, cache_counters()) == {k: 0 for k in before}
+    # ... until the verdict is RETRY_SLOWER_AFTER_S old: then a long job measures again (from the cache)
+    monkeypatch.setattr(trainer_mod, "RETRY_SLOWER_AFTER_S", 0.0)
+    torch._dynamo.reset()
+    before = cache_counters()
+    retried = SlowCompiled(cfg)
+    retried.run(steps=6)
+    info = retried.compile_info
+    assert "measuring again" in info["reason"] and "not faster" in info["reason"] and info["decision"] == "eager"
+    assert counters_delta(before, cache_counters())["fxgraph_hit"] >= 1 and info["cache_hit"] is True
 
 
 @pytest.mark.parametrize("cls", [FastCompiled, SlowCompiled])
