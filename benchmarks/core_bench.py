@@ -51,7 +51,6 @@ from core.trainer import MetaTrainer  # noqa: E402
 from schemas.job import JobConfig  # noqa: E402
 from benchmarks.machine import commit as code_commit, cpu_name, write_section  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Core meta-training throughput and memory"
 ALGS = ("maml", "sigma_maml", "sigma_imaml", "sigma_reptile")
 TASK_THREADS = len(os.sched_getaffinity(0))
@@ -303,11 +302,14 @@ FINDINGS = """### Why the slow paths are slow, and what measured faster
   342-402/s (no gain: MAML's outer update is small). Same parameters as eager within 3e-8.
 - **conv4.** Compute-bound: a meta-step is ~40 GFLOP, dominated by the 75 query images per task (the
   [75, 64, 14, 14] activations of the first two layers: their convolution backward, batch-norm and ReLU passes).
-  What made the per-task loop 1.5x+ faster than the peers (benchmarks/peers.py, "Peers"): tasks on parallel
-  threads with one intra-op thread each (two tasks at once on two cores beat one task on both), plain autograd instead of torch.func's grad of grad in each task (that form took 1.22x the loop peers' time at fa28324), channels-last memory
-  (now the default), and the one-channel first layer as im2col + one addmm (oneDNN's 1-channel convolution is
-  slow per FLOP on CPU). vmap turns per-task weights into grouped convolutions and stays slower than the loop.
-  Compiling conv4 now compiles one task's update (32-35 s cold, ~3 s from the cache; "Compile cache").
+  What made the per-task loop faster than the peers (1 inner step: 1.35x MAML and 1.45x sigma-MAML eager,
+  1.57x and 1.75x compiled; benchmarks/peers.py, "Peers", at 01f9ff5): tasks on parallel threads with one
+  intra-op thread each (two tasks at once on two cores beat one task on both), plain autograd instead of
+  torch.func's grad of grad in each task (that form took 1.22x the loop peers' time at fa28324), channels-last
+  memory (now the default), and the one-channel first layer as im2col + one addmm (oneDNN's 1-channel
+  convolution is slow per FLOP on CPU). vmap turns per-task weights into grouped convolutions and stays slower
+  than the loop. Compiling conv4 now compiles one task's update (34-35 s cold, ~3 s from the cache; "Compile
+  cache").
 - **Memory.** sigma-iMAML and sigma-Reptile adapt without keeping a graph: peak growth is flat in the
   number of inner steps; sigma-MAML's grows linearly (it backpropagates through the unrolled steps).
 """

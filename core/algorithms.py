@@ -224,9 +224,8 @@ class Backprop(Algorithm):
     def eager_task_update(self, meta, xs, ys, xq, yq):
         """``task_update`` with plain autograd (``torch.autograd.grad(create_graph=True)`` for the inner
         gradients, one backward for the meta-gradient): the same unrolled graph and the same numbers (tested to
-        1e-12 in float64), without torch.func's per-op wrapping (the torch.func form took 1.22x the autograd loop peers' time on conv4 in
-        benchmarks/peers.py at fa28324).
-        The hvp mode keeps its own form."""
+        1e-12 in float64), without torch.func's per-op wrapping (the torch.func form took 1.22x the autograd loop
+        peers' time on conv4 in benchmarks/peers.py at fa28324). The hvp mode keeps its own form."""
         if self.second_order == "hvp":
             return self.task_update(meta, xs, ys, xq, yq)
         L = self.learner
@@ -250,6 +249,7 @@ class _ImplicitMixin:
     def thread_safe(self):
         # forward-mode AD levels are process-wide, not per thread: jvp on two threads at once fails
         return self.hvp != "forward"
+
     def implicit(self, meta, theta, xs, ys, xq, yq, damping):
         """u = H^-1 g_val with H = Hess(l_data) + Sigma^-1 + damping I (Eq. 48), preconditioned by
         P = diag(max(lambda_m / 1e3, 1)) (App. D.2), lambda_m = w / sigma_m^2 (``Learner.lam_modules``). Returns u,

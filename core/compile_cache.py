@@ -7,9 +7,9 @@ cache) and the C++ build products. Their keys are torch's own and cover everythi
 on: the traced graph with every input's shape, stride and dtype (the jobs compile with ``dynamic=False``),
 constants baked into the graph (learning rates, inner steps), the Inductor and functorch configs, the torch
 version, the compiler and CPU, and for CPU kernels the intra-op thread count they were generated for
-(``torch._inductor.codecache``). A second process that traces the same graph
-loads the compiled code instead of generating it: a compile that took 28-71 s cold takes 2-5 s (Dynamo still
-traces the Python each time; ``benchmarks/compile_cache.py``).
+(``torch._inductor.codecache``). A second process that traces the same graph loads the compiled code instead of
+generating it: a first compiled step that took 24-35 s cold takes about 3 s (Dynamo still traces the Python each
+time; benchmarks/RESULTS.md, "Compile cache").
 
 On top of that, :class:`CompileRecords` keeps one small JSON file per job shape (``records_dir()``, beside the
 caches, so the two are deleted together): how long its last compile took, whether it was cold or warm, and the

@@ -179,45 +179,48 @@ class MetaTrainer:
                     update = self.algorithm.eager_task_update
                 compiled = [False]
 
+                def on_threads(meta, args):
+                    # compiled code only, on the task threads: concurrent compiles are not thread-safe
+                    # (pytorch#118260), so a guard that fails there (a new shape mid-job) raises instead
+                    with torch.compiler.set_stance("fail_on_recompile"):
+                        return self._map_tasks(update, meta, args)
+
                 def fn(meta, *args):
-                    outs = None
-                    if compile and compiled[0]:
-                        # compiled code only, on the task threads: concurrent compiles are not thread-safe
-                        # (pytorch#118260), so a guard that fails mid-job (a new shape) raises there instead of
-                        # recompiling, and the batch runs again below, its first task compiling alone
-                        try:
-                            with torch.compiler.set_stance("fail_on_recompile"):
-                                outs = self._map_tasks(update, meta, args)
-                        except RuntimeError as e:
-                            if "fail_on_recompile" not in str(e):
-                                raise
-                            self.recompiles += 1
-                    if compile and outs is None:
-                        # the first task alone on this thread compiles (Dynamo compiles one caller at a time), with
-                        # the intra-op thread count the task threads run at: Inductor bakes it into its kernels
-                        threads = torch.get_num_threads()
-                        if self._task_workers(args[0].shape[0]) > 1:
-                            torch.set_num_threads(1)
-                        try:
-                            first = update(meta, *(a[0] for a in args))
-                        finally:
-                            torch.set_num_threads(threads)
-                        compiled[0] = True
-                        with torch.compiler.set_stance("fail_on_recompile"):
-                            outs = [first] + self._map_tasks(update, meta, tuple(a[1:] for a in args))
-                    elif outs is None:
+                    if not compile:
                         outs = self._map_tasks(update, meta, args)
+                    else:
+                        outs = None
+                        if compiled[0]:
+                            try:
+                                outs = on_threads(meta, args)
+                            except RuntimeError as e:
+                                if "fail_on_recompile" not in str(e):
+                                    raise
+                                self.recompiles += 1  # the batch runs again below, compiling its first task
+                        if outs is None:
+                            # the first task alone on this thread compiles (Dynamo compiles one caller at a time),
+                            # with the intra-op thread count the task threads run at: Inductor bakes it into its
+                            # kernels
+                            threads = torch.get_num_threads()
+                            if self._task_workers(args[0].shape[0]) > 1:
+                                torch.set_num_threads(1)
+                            try:
+                                first = update(meta, *(a[0] for a in args))
+                            finally:
+                                torch.set_num_threads(threads)
+                            compiled[0] = True
+                            outs = [first] + on_threads(meta, tuple(a[1:] for a in args))
                     return torch.utils._pytree.tree_map(lambda *t: torch.stack(t), *outs)
             self._fns[key] = fn
         return self._fns[key]
 
     def _map_tasks(self, update, meta, args):
-        """``update`` on every task of the batch, in task order. On CPU the tasks are split
-        into contiguous shares, one per task thread (``task_threads``), each share run by its own thread with one
-        intra-op thread: the per-task graphs are small (a 5-image support, a 75-image query), so two tasks at a time on
-        two cores beat one task at a time on both (conv4: benchmarks/peers.py, "Peers"). The results do
-        not depend on the scheduling (each task's numbers are computed by one thread and stacked in order); they
-        depend on the intra-op thread count, as any run does."""
+        """``update`` on every task of the batch, in task order. On CPU the tasks are split into contiguous
+        shares, one per task thread (``task_threads``), each share run by its own thread with one intra-op thread:
+        the per-task graphs are small (a 5-image support, a 75-image query), so two tasks at a time on two cores
+        beat one task at a time on both (conv4: benchmarks/peers.py, "Peers"). The results do not depend on the
+        scheduling (each task's numbers are computed by one thread and stacked in order); they depend on the
+        intra-op thread count, as any run does."""
         n = args[0].shape[0]
         workers = self._task_workers(n)
 
@@ -385,8 +388,8 @@ class MetaTrainer:
         expected compile time (COLD_COMPILE_S, or the last warm compile of this shape when the compile records
         know it: the cache holds the graph). When a record says how much faster the compiled step was (ratio
         r), the saving R e (1 - r) must be REPAY_KNOWN x the expected compile time; a shape whose compiled
-        step was slower is not compiled again for RETRY_SLOWER_AFTER_S, one that failed to compile never. After compiling, the compiled step is
-        timed on the same batch and kept only if it beats the eager one. The step's numbers come from the path
+        step was slower is not compiled again for RETRY_SLOWER_AFTER_S, one that failed to compile never. After
+        compiling, the compiled step is timed on the same batch and kept only if it beats the eager one. The step's numbers come from the path
         kept (eager before the decision), and checkpoints record the decision (a resumed job keeps it)."""
         self._auto_calls += 1
         if self._auto_calls <= 1 + AUTO_EAGER_SAMPLES:

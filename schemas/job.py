@@ -430,12 +430,13 @@ class Outer(Strict):
 class Execution(Strict):
     vectorize: Literal["auto", "vmap", "loop"] = Field(
         "auto", description="adapt the tasks of a meta-batch with torch.func.vmap or a per-task loop (on CPU its "
-        "tasks run on parallel threads, one per torch intra-op thread); auto measures both on the first step"
+        "tasks run on parallel threads, one per CPU of the worker: METASHRINK_TASK_THREADS); auto measures both on "
+        "the first step"
     )
     compile: CompileSwitch = Field(
         "auto", description="torch.compile the meta-step (vmap: the whole meta-step; loop: one task's update). "
         "\"auto\": time a few eager steps, compile only when the eager time left in the job repays the expected "
-        "compile time (30-70 s cold on 2 CPU cores; seconds when this worker's compile cache holds the job's "
+        "compile time (25-70 s cold on 2 CPU cores; seconds when this worker's compile cache holds the job's "
         "shape), and keep the compiled step only if it is faster; the decision and the compile time are reported "
         "with the job (startup) and kept by its checkpoints")
     dtype: Literal["float32", "float64"] = "float32"
