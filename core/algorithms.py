@@ -269,7 +269,29 @@ class _ImplicitMixin:
             return {k: hv[k] + (lam[k] + damping) * v[k] for k in v}
 
         u, residual, iters = conjugate_gradient(matvec, g_val, precond_inv, self.cfg["cg_steps"])
-        return u, lam, lam_m, {"query_loss": q_loss, "cg_residual": residual, "cg_iterations": iters}
+        metrics = {"query_loss": q_loss, "cg_residual": residual, "cg_iterations": iters,
+                   "stationarity": self.stationarity(meta["phi"], theta, lam, g_train)}
+        return u, lam, lam_m, metrics
+
+    @staticmethod
+    def stationarity(phi, theta, lam, g_train):
+        """||grad(l_train + prior)(theta_K)|| / ||grad(l_train + prior)(phi)||: how far the inner loop's theta_K is
+        from the MAP that the implicit gradient (Eq. 7, 10) is the derivative at. Near 0: the implicit gradient is
+        valid; near 1 or above: theta_K is no closer to stationarity than phi was, and the meta-gradient is not
+        the one the paper derives (the prior's gradient is 0 at phi, so the denominator is the data gradient)."""
+        g_theta, g_phi = g_train(theta), g_train(phi)
+        num = sum(((g_theta[k] + lam[k] * (theta[k] - phi[k])) ** 2).sum() for k in theta)
+        den = sum((g_phi[k] ** 2).sum() for k in phi)
+        return torch.sqrt(num / torch.clamp(den, min=torch.finfo(den.dtype).tiny))
+
+    def damping(self, xs):
+        """The damping term of Eq. 48 on this loss's scale. Eq. 48's d-tilde sits beside the Hessian of the summed
+        negative log-likelihood and Sigma^-1; a loss averaged over n examples scales both by w = 1 / n
+        (``Family.prior_weight``), so d-tilde is scaled by w too. iMAML's d multiplies I in (1 + d) I + H / lambda
+        (Eq. 47): in Eq. 48's scale that is d * lambda, lambda = ``lam`` * w, so the two agree when
+        sigma^2 = 1 / lam and d-tilde = d * lam (App. D.2)."""
+        d = self.cfg["damping"] * self.learner.family.prior_weight(xs.shape[0])
+        return d * self.cfg["lam"] if self.name == "imaml" else d
 
     def sigma_delta(self, meta, theta, u, lam_m):
         """d l_val / d log sigma_m^2 = u_m . (theta_m - phi_m) lambda_m (chain rule through lambda_m = w / sigma_m^2,
@@ -291,13 +313,8 @@ class Implicit(_ImplicitMixin, Algorithm):
 
     def task_update(self, meta, xs, ys, xq, yq):
         L = self.learner
-        damping = self.cfg["damping"]
-        if self.name == "imaml":
-            # iMAML's damping d multiplies I in (1+d)I + H/lambda (Eq. 47); in Eq. 48's scale that is d * lambda,
-            # with lambda the effective precision lam * w (``Learner.lam_modules``)
-            damping = damping * self.cfg["lam"] * L.family.prior_weight(xs.shape[0])
         theta = L.adapt(meta["phi"], self._lam(meta, xs), xs, ys)
-        u, lam, lam_m, metrics = self.implicit(meta, theta, xs, ys, xq, yq, damping)
+        u, lam, lam_m, metrics = self.implicit(meta, theta, xs, ys, xq, yq, self.damping(xs))
         delta = {"phi": {k: lam[k] * u[k] for k in u}}
         if self.learns_sigma:
             delta["log_sigma2"] = self.sigma_delta(meta, theta, u, lam_m)
@@ -337,7 +354,7 @@ class ReptileFamily(_ImplicitMixin, Algorithm):
         else:
             x_all, theta_all = xs, theta
         lam_all = per_param(L.partition, L.lam_modules(meta["log_sigma2"], x_all))
-        u, lam, lam_m, metrics = self.implicit(meta, theta, xs, ys, xq, yq, self.cfg["damping"])
+        u, lam, lam_m, metrics = self.implicit(meta, theta, xs, ys, xq, yq, self.damping(xs))
         delta = {"phi": {k: lam_all[k] * (phi[k] - theta_all[k]) for k in phi},
                  "log_sigma2": self.sigma_delta(meta, theta, u, lam_m)}
         metrics["support_loss"] = L.data_loss(theta, xs, ys)

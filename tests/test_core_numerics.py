@@ -178,7 +178,8 @@ def test_appendix_b2_constant_sigma2_gives_imaml_meta_gradient():
     # the effective precision on the family's mean loss: lambda * w, w = 1 / n_support (Eq. 4's balance)
     lam_eff = lam * learner.family.prior_weight(task.xs.shape[0])
     assert lam_eff == lam / task.xs.shape[0]
-    cfg = alg_cfg("sigma_imaml", cg_steps=80, damping=d * lam_eff)  # d-tilde = d * lambda (App. D.2)
+    # d-tilde = d * lambda (App. D.2), both on Eq. 4's scale: the algorithm scales d-tilde by w as it does Sigma^-1
+    cfg = alg_cfg("sigma_imaml", cg_steps=80, damping=d * lam)
     alg, learner, meta, batch = make("mlp", cfg, inner="proximal_gd", lr=0.1, steps=60)
     meta["log_sigma2"] = torch.full_like(meta["log_sigma2"], -math.log(lam))
     imaml, _, _, _ = make("mlp", alg_cfg("imaml", lam=lam, damping=d, cg_steps=80), inner="proximal_gd", lr=0.1, steps=60)

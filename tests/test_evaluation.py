@@ -24,11 +24,23 @@ def test_mean_ci_formula_and_coverage():
     v = torch.randn(50, generator=g, dtype=torch.float64)
     r = mean_ci(v)
     assert r["n"] == 50 and r["std"] == pytest.approx(float(v.std(unbiased=True)))
-    assert r["ci95"] == pytest.approx(1.959964 * r["std"] / math.sqrt(50), rel=1e-6)
-    # coverage of the true mean (0) over 2000 samples of 50: close to 95%
-    samples = torch.randn(2000, 50, generator=g, dtype=torch.float64)
-    hits = sum(abs(mean_ci(s)["mean"]) <= mean_ci(s)["ci95"] for s in samples)
-    assert 0.93 <= hits / 2000 <= 0.97
+    assert r["ci95"] == pytest.approx(2.009575 * r["std"] / math.sqrt(50), rel=1e-5)  # t_{0.975, 49}
+    # coverage of the true mean (0): close to 95% at 50 values and at 3 (where 1.96 would cover ~82%)
+    for n in (50, 3):
+        samples = torch.randn(4000, n, generator=g, dtype=torch.float64)
+        hits = sum(abs(mean_ci(s)["mean"]) <= mean_ci(s)["ci95"] for s in samples)
+        assert 0.93 <= hits / 4000 <= 0.97, (n, hits / 4000)
+
+
+def test_t_quantile_against_known_values():
+    from core.evaluation import paired, t975
+    for df, q in ((1, 12.7062), (2, 4.3027), (4, 2.7764), (30, 2.0423), (40, 2.0211), (60, 2.0003),
+                  (120, 1.9799), (1000, 1.9623)):
+        assert t975(df) == pytest.approx(q, abs=2e-4)
+    d = paired([1.0, 2.0, 4.0], [0.5, 1.0, 3.0])  # differences 0.5, 1, 1
+    assert d["mean"] == pytest.approx(5 / 6) and d["n"] == 3
+    with pytest.raises(ValueError):
+        paired([1.0], [1.0, 2.0])
 
 
 def test_evaluate_known_distribution():
