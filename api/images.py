@@ -207,8 +207,7 @@ def adapt_payload(app, m, form) -> dict:
     request would be, the files' headers checked, the files packed with the model's preprocessing."""
     from schemas.api import AdaptRequest
 
-    from .routes.models import validate_options
-    from .validation import as_array, check_targets
+    from .validation import as_array, check_targets, validate_options
 
     settings: Settings = app.state.settings
     _check_fields(form, ADAPT_FIELDS)

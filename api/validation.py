@@ -1,11 +1,18 @@
-"""Array checks for the adapt endpoint: each problem is named (field, row, what is wrong)."""
+"""Adapt request validation, for the JSON body (api/routes/models.py) and the multipart form (api/images.py):
+the options against the model and the caps (``validate_options``), the arrays row by row (``validate_adapt``).
+Each problem is named (field, row, what is wrong)."""
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import unprocessable
+
+if TYPE_CHECKING:
+    from schemas.api import AdaptRequest
+    from store.settings import Settings
 
 
 def as_array(value, field, integer: bool = False) -> np.ndarray:
@@ -67,3 +74,32 @@ def model_shape(m) -> SimpleNamespace:
     that a parser process can receive."""
     return SimpleNamespace(kind=m.kind, input_shape=list(m.input_shape), output_dim=m.output_dim,
                            module_map=list(m.module_map))
+
+
+def validate_options(req: AdaptRequest, m, settings: Settings) -> None:
+    """``steps`` and ``modules`` of an adapt request (JSON or multipart) against the model (a row, or
+    ``model_shape``'s copy of one) and the caps."""
+    if req.steps > settings.adapt_max_steps:
+        raise unprocessable(["steps"], f"{req.steps} is above the cap of {settings.adapt_max_steps} steps")
+    names = [r["name"] for r in m.module_map]
+    if isinstance(req.modules, list):
+        if not req.modules:
+            raise unprocessable(["modules"], "an empty list adapts nothing; use steps 0 for unadapted predictions")
+        unknown = [x for x in req.modules if x not in names]
+        if unknown:
+            raise unprocessable(["modules"], f"unknown modules {unknown}; this model's modules are {names}")
+
+
+def validate_adapt(req: AdaptRequest, m, settings: Settings) -> dict:
+    """A JSON adapt body's options and arrays checked; the arrays come back as numpy arrays."""
+    validate_options(req, m, settings)
+    cap = settings.adapt_max_rows
+    for field, v in (("support.x", req.support.x), ("support.y", req.support.y), ("query.x", req.query.x)):
+        if len(v) > cap:
+            raise unprocessable(field.split("."), f"{len(v)} rows is above the cap of {cap} rows")
+    cls = m.kind == "classification"
+    xs = check_inputs(as_array(req.support.x, "support.x"), "support.x", tuple(m.input_shape))
+    ys = check_targets(as_array(req.support.y, "support.y", integer=cls), "support.y", m.kind, m.output_dim,
+                       xs.shape[0])
+    xq = check_inputs(as_array(req.query.x, "query.x"), "query.x", tuple(m.input_shape))
+    return {"support": {"x": xs, "y": ys}, "query": {"x": xq}, "steps": req.steps, "modules": req.modules}

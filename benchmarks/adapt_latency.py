@@ -169,7 +169,7 @@ def breakdown(s: Serve, mid: str, n_requests: int) -> dict:
                    [json.dumps({**b, "steps": 0}).encode() for b in bodies], 1)
     raw = s.client.get(f"/v1/models/{mid}/file").content
     tensors, meta = load(raw), safetensors_metadata(raw)
-    order = meta.get("order") or list(tensors)  # as the worker restores it (worker.tasks.ordered_tensors)
+    order = meta.get("order") or list(tensors)  # as the worker restores it (worker.runtime.ordered_tensors)
     mm = MetaModel.from_tensors(s.client.get(f"/v1/models/{mid}").json()["config"], {k: tensors[k] for k in order})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -35,7 +35,7 @@ def _new_key(settings, tenant: str, admin: bool = False) -> str:
 
 
 # --------------------------------------------------------------------------- serve
-def cmd_serve(a):
+def cmd_serve(a):  # long: one start-up sequence (lock, environment, children, API), read in order
     """The embedded default, supervised (``worker.embedded``): a lock on the data directory, redis-server and
     the workers as children that die with this process and are restarted when they exit, then the API."""
     from worker.embedded import AlreadyServing, Child, DataDirLock, Supervisor, redis_command, start_process
@@ -302,7 +302,7 @@ def _adapt_images(a):
     return 0
 
 
-def main(argv=None):
+def main(argv=None):  # long: the argument parser, one block of declarations per command
     p = argparse.ArgumentParser(prog="metashrink", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
 

@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import torch
 from torch.nn import functional as F
 
-from .tasks import Family, TaskBatch
+from .family import Family, TaskBatch
 
 SPLITS = ("train", "val", "test")
 

@@ -1,64 +1,26 @@
 """Task families: seeded samplers that return batched tensors with a leading task axis.
 
+The synthetic families and uploaded regression tasks are here, image classes in ``core.images``; both build on the
+base types of ``core.family`` (``Family``, ``TaskBatch``, re-exported here), and ``build_family`` picks one from a
+``tasks`` config.
+
 Every sampler draws from an explicit ``torch.Generator`` (CPU), so a job's task stream is reproducible
 and can be resumed from a saved generator state.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Optional
 
 import torch
 
-
-class TaskBatch(NamedTuple):
-    xs: torch.Tensor  # [B, K, *input_shape]   support inputs
-    ys: torch.Tensor  # [B, K, *target_shape]  support targets
-    xq: torch.Tensor  # [B, Q, *input_shape]   query inputs
-    yq: torch.Tensor  # [B, Q, *target_shape]  query targets
-
-    def to(self, device=None, dtype=None) -> "TaskBatch":
-        def cast(t):
-            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
-        return TaskBatch(*(cast(t) for t in self))
-
-    def task(self, i: int) -> "TaskBatch":
-        return TaskBatch(*(t[i] for t in self))
+from .family import Family, TaskBatch
+from .images import ImageClasses
 
 
 def _uniform(n, lo_hi, g):
     lo, hi = lo_hi
     return lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float64)
-
-
-class Family:
-    """A task family. ``kind`` is regression, classification or density; ``loss(pred, y)`` is per task."""
-
-    kind = "regression"
-    input_shape: tuple = (1,)
-    output_dim: int = 1
-    param_dim: int = 0  # identity model only
-    transform = None
-    loss_reduction = "mean"  # "mean" over a task's examples, or "sum" (the negative log-likelihood of Eq. 4)
-
-    def loss(self, pred, y):
-        return ((pred - y) ** 2).mean()
-
-    def prior_weight(self, n_examples: int) -> float:
-        """The factor on the prior's precision that keeps Eq. 4's balance for this family's loss.
-
-        Eq. 4 puts the task's summed negative log-likelihood beside -log N(theta | phi, sigma^2 I). A loss that
-        is the *mean* over the task's n examples is that sum divided by n, so the same minimiser (and the same
-        meaning of sigma^2) needs the prior divided by n too: lambda_m = 1 / (n sigma_m^2). Families whose loss
-        is already a sum (``hierarchical_normal``) use lambda_m = 1 / sigma_m^2. ``n_examples`` is the size of
-        the set being adapted to (the support set; at meta-test whatever the user sends)."""
-        return 1.0 / n_examples if self.loss_reduction == "mean" else 1.0
-
-    def sample(self, n: int, generator: torch.Generator, split: str = "train") -> TaskBatch:
-        raise NotImplementedError
-
-    def sampler_state(self) -> dict:
-        return {}
 
 
 class Sinusoid(Family):
@@ -269,7 +231,6 @@ def build_family(cfg: dict, seed: int = 0, data: Optional[dict] = None) -> Famil
         return HierarchicalNormal(cfg["variant"], cfg["shots"], cfg["query"], cfg["phi_true"], cfg["sigma2_true"],
                                   cfg.get("n_tasks"), seed)
     if fam == "image_classes":
-        from .images import ImageClasses  # images.py imports this module
         data = data if data is not None else load_source(cfg)
         split = cfg.get("split") or {}
         return ImageClasses(data["images"], data.get("groups"), cfg["ways"], cfg["shots"], cfg["query"],

@@ -57,7 +57,7 @@ def test_tensors_round_trip(s3):
 
 def test_dataset_collection_round_trip(s3):
     from datasets.upload import RegressionCollection
-    from store.datasets import get_collection, put_collection
+    from datasets.stored import get_collection, put_collection
 
     rng = np.random.default_rng(0)
     coll = RegressionCollection([(f"t{i}", rng.normal(size=(6, 2)), rng.normal(size=(6, 1))) for i in range(3)],

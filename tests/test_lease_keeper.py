@@ -1,5 +1,5 @@
 """The train worker keeps a job's lease through a meta-step longer than the lease (a compile: a minute or more
-on a cold cache), and stops a job whose lease went to another worker meanwhile (worker.tasks._LeaseKeeper)."""
+on a cold cache), and stops a job whose lease went to another worker meanwhile (worker.lease.LeaseKeeper)."""
 from __future__ import annotations
 
 import time
@@ -11,7 +11,7 @@ from store import jobs as Q
 from store.db import Database
 from store.migrate import upgrade
 from store.models import Job, new_id
-from worker.tasks import LeaseLost, _LeaseKeeper
+from worker.lease import LeaseKeeper as _LeaseKeeper, LeaseLost
 
 
 @pytest.fixture

@@ -23,13 +23,13 @@ import logging
 import uuid
 
 from store.artifacts import ArtifactError
-from store.datasets import (claim_processing, finish_processing, lock_quota, put_collection, quota_problem,
-                            release_processing, tenant_usage)
+from store.datasets import (claim_processing, finish_processing, lock_quota, quota_problem, release_processing,
+                            tenant_usage)
 from store.models import Dataset
 from store.uploads import UploadError, UploadLimits
 
 from .celery_app import PROCESS_DATASET, app
-from .tasks import _public, runtime
+from .runtime import public_error, runtime
 
 log = logging.getLogger("metashrink.worker")
 
@@ -74,7 +74,8 @@ def _fail(rt, dataset_id: str, raw_uri: str, message: str) -> str:
 
 def _process(rt, dataset_id: str, tenant: str, kind: str, raw_uri: str, upload: dict,
              raw_sha: str | None = None) -> str:
-    from datasets.upload import validate_upload  # imports core (torch): only in the worker's child
+    from datasets.stored import put_collection  # datasets/ imports core (torch): only in the worker's child
+    from datasets.upload import validate_upload
 
     s = rt.settings
     opts = {k: int(upload[k]) for k in ("min_per_class", "min_points") if upload.get(k) is not None}
@@ -91,7 +92,7 @@ def _process(rt, dataset_id: str, tenant: str, kind: str, raw_uri: str, upload: 
         return _fail(rt, dataset_id, raw_uri, str(e))
     except Exception as e:  # a decoder's own failure, or the soft time limit
         log.exception("dataset %s: processing failed", dataset_id)
-        return _fail(rt, dataset_id, raw_uri, _public(rt, e))
+        return _fail(rt, dataset_id, raw_uri, public_error(rt, e))
     del data
     art = put_collection(rt.store, f"datasets/{tenant}/{dataset_id}-{uuid.uuid4().hex[:6]}.safetensors", coll)
     summary = coll.summary()

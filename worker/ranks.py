@@ -5,7 +5,7 @@
   ``init_process_group(store=...)``: gloo on CPU, NCCL on CUDA with one GPU per rank), starts one process per
   local rank (``python -m worker.ranks SPEC RANK``, each dying with this process), keeps the lease while they
   start and polls them. It never enters a collective, so it sees any rank's death at once.
-- Rank 0 runs the ordinary training loop (``worker.tasks._train`` with a ``core.distributed.Comm``): it alone
+- Rank 0 runs the ordinary training loop (``worker.train.train`` with a ``core.distributed.Comm``): it alone
   heartbeats, writes metrics, checkpoints, validates and publishes, under the launcher's lease owner. The other
   ranks build the same trainer, take rank 0's state and meta-step when rank 0 says so (``core.distributed.follow``);
   they never touch the job's rows.
@@ -41,7 +41,10 @@ import uuid
 from functools import partial
 from pathlib import Path
 
+from . import train
 from .celery_app import JOIN_JOB, JOIN_QUEUE, app
+from .lease import LeaseLost
+from .runtime import runtime, use_datasets
 
 log = logging.getLogger("metashrink.worker")
 ROOT = Path(__file__).resolve().parent.parent
@@ -267,20 +270,7 @@ def join_job(spec: dict) -> str:
         log.info("job %s: node %d (%s): ranks %d..%d started (pids %s)", job_id, k, s.node_name, k * per_node,
                  (k + 1) * per_node - 1, [p.pid for p in procs])
         store.add("joined", 1)
-        while True:
-            codes = [p.poll() for p in procs]
-            if any(codes):
-                log.warning("job %s: node %d: %s", job_id, k, ", ".join(
-                    f"rank {k * per_node + i} {_describe(c)}" for i, c in enumerate(codes) if c))
-                store.add("failed", 1)
-                return "rank-lost"
-            if all(c == 0 for c in codes):
-                return "done"
-            store.add(f"beat/{k}", 1)
-            if store.check(["end"]):
-                _reap(procs, GRACE)
-                return "ended"
-            time.sleep(0.5)
+        return _watch_node(store, procs, job_id, k, per_node)
     except Exception as e:  # the claimant's store closed: the attempt is over
         log.info("job %s: the rendezvous closed (%s); stopping this node's ranks", job_id, type(e).__name__)
         _reap(procs, GRACE)
@@ -292,28 +282,40 @@ def join_job(spec: dict) -> str:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _watch_node(store, procs, job_id: str, k: int, per_node: int) -> str:
+    """Node ``k``'s ranks polled every half second, its beat counted in the store, until they finish ("done"), one
+    dies ("rank-lost", reported to the claimant) or the claimant says the attempt is over ("ended")."""
+    while True:
+        codes = [p.poll() for p in procs]
+        if any(codes):
+            log.warning("job %s: node %d: %s", job_id, k, ", ".join(
+                f"rank {k * per_node + i} {_describe(c)}" for i, c in enumerate(codes) if c))
+            store.add("failed", 1)
+            return "rank-lost"
+        if all(c == 0 for c in codes):
+            return "done"
+        store.add(f"beat/{k}", 1)
+        if store.check(["end"]):
+            _reap(procs, GRACE)
+            return "ended"
+        time.sleep(0.5)
+
+
 # --------------------------------------------------------------------------- a rank (its own process)
 def _rank0(rt, spec: dict, comm) -> str:
-    """``run_job``'s handling around ``_train``, with rank 0 of the group."""
-    from store import jobs as Q
+    """``run_job``'s handling around ``train.train``, with rank 0 of the group."""
+    from core.distributed import RankLost
 
-    from .tasks import LeaseLost, _train
     job_id, owner = spec["job_id"], spec["owner"]
     try:
-        return _train(rt, job_id, owner, comm=comm)
+        return train.train(rt, train.load(rt, job_id, owner), comm=comm)
     except LeaseLost:
         log.warning("job %s: lease lost; stopping", job_id)
         return "lease-lost"
+    except RankLost:
+        raise
     except Exception as e:
-        from core.distributed import RankLost
-        if isinstance(e, RankLost):
-            raise
-        log.exception("job %s failed", job_id)
-        from . import tasks
-        public = getattr(tasks, "_public", lambda rt, e: f"{type(e).__name__}: {e}")  # run_job's message
-        with rt.db.session() as ses:
-            Q.finish(ses, job_id, owner, "failed", error=public(rt, e))
-        return "failed"
+        return train.fail(rt, job_id, owner, e)
     finally:
         comm.stop()
 
@@ -328,7 +330,6 @@ def main(argv: list[str]) -> int:
     from core import MetaTrainer
     from core.distributed import Comm, RankLost, follow
 
-    from .tasks import runtime, use_datasets
     rt = runtime()
     if rt.settings.torch_threads:
         torch.set_num_threads(rt.settings.torch_threads)

@@ -13,9 +13,9 @@ from store.settings import Settings
 from ..bodies import OFF_PROCESS_ABOVE, off_loop, parse_json, read_capped
 from ..deps import Cursor, Limit, Session, Tenant, artifact_file, own_model, page
 from ..dispatch import run_adapt
-from ..errors import json_body, unprocessable
+from ..errors import json_body
 from ..images import ADAPT_FORM, adapt_payload, is_multipart, read_form
-from ..validation import as_array, check_inputs, check_targets, model_shape
+from ..validation import model_shape, validate_adapt
 from ..views import model_view
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -82,30 +82,3 @@ def detached_model(app, t: str, model_id: str) -> MetaModelRow:
         m = own_model(s, t, model_id)
         s.expunge(m)
         return m
-
-
-def validate_options(req: AdaptRequest, m: MetaModelRow, settings: Settings) -> None:
-    """``steps`` and ``modules`` of an adapt request (JSON or multipart)."""
-    if req.steps > settings.adapt_max_steps:
-        raise unprocessable(["steps"], f"{req.steps} is above the cap of {settings.adapt_max_steps} steps")
-    names = [r["name"] for r in m.module_map]
-    if isinstance(req.modules, list):
-        if not req.modules:
-            raise unprocessable(["modules"], "an empty list adapts nothing; use steps 0 for unadapted predictions")
-        unknown = [x for x in req.modules if x not in names]
-        if unknown:
-            raise unprocessable(["modules"], f"unknown modules {unknown}; this model's modules are {names}")
-
-
-def validate_adapt(req: AdaptRequest, m: MetaModelRow, settings: Settings) -> dict:
-    validate_options(req, m, settings)
-    cap = settings.adapt_max_rows
-    for field, v in (("support.x", req.support.x), ("support.y", req.support.y), ("query.x", req.query.x)):
-        if len(v) > cap:
-            raise unprocessable(field.split("."), f"{len(v)} rows is above the cap of {cap} rows")
-    cls = m.kind == "classification"
-    xs = check_inputs(as_array(req.support.x, "support.x"), "support.x", tuple(m.input_shape))
-    ys = check_targets(as_array(req.support.y, "support.y", integer=cls), "support.y", m.kind, m.output_dim,
-                       xs.shape[0])
-    xq = check_inputs(as_array(req.query.x, "query.x"), "query.x", tuple(m.input_shape))
-    return {"support": {"x": xs, "y": ys}, "query": {"x": xq}, "steps": req.steps, "modules": req.modules}
