@@ -7,11 +7,12 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch.func import grad, vmap
 
-from .algorithms import Learner, build_algorithm
+from . import algorithms, baselines  # noqa: F401  (each registers its algorithms in core.registry)
 from .compile_cache import CompileRecords, cache_counters, counters_delta, shape_key
 from .models import build_model, init_params
 from .modules import LOG_SIGMA2_MAX, LOG_SIGMA2_MIN, build_partition, inverse_gamma_penalty, sigma2
 from .optim import build_optimizer, flatten_state, unflatten_state
+from .registry import Learner, build_algorithm
 from .tasks import build_family
 
 STATE_VERSION = 1
