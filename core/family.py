@@ -43,8 +43,14 @@ class Family:
         is the *mean* over the task's n examples is that sum divided by n, so the same minimiser (and the same
         meaning of sigma^2) needs the prior divided by n too: lambda_m = 1 / (n sigma_m^2). Families whose loss
         is already a sum (``hierarchical_normal``) use lambda_m = 1 / sigma_m^2. ``n_examples`` is the size of
-        the set being adapted to (the support set; at meta-test whatever the user sends)."""
-        return 1.0 / n_examples if self.loss_reduction == "mean" else 1.0
+        the set being adapted to (the support set; at meta-test whatever the user sends).
+
+        A regression loss averages the squared error over all n x output_dim elements, so the sum it stands for is
+        divided by n x output_dim, and so is the prior (a d-output regression would otherwise carry a prior d times
+        too strong). A classification loss averages over the n examples only."""
+        if self.loss_reduction != "mean":
+            return 1.0
+        return 1.0 / (n_examples * (self.output_dim if self.kind == "regression" else 1))
 
     def sample(self, n: int, generator: torch.Generator, split: str = "train") -> TaskBatch:
         raise NotImplementedError

@@ -117,6 +117,30 @@ def test_regression_tasks_split_and_sampling():
         RegressionTasks(data, shots=20, query=20)
 
 
+def test_prior_weight_keeps_eq4_balance_for_multi_output_regression():
+    """A d-output regression loss averages over n * d elements, so its prior weight is 1 / (n d): the minimiser of
+    the mean loss plus the weighted prior is the minimiser of the summed loss plus the unweighted prior (Eq. 4's
+    balance), whatever d is. With 1 / n it would be a ridge d times too strong."""
+    from core.modules import prior_penalty
+    g = gen(3)
+    x, y = torch.randn(40, 2, generator=g).double(), torch.randn(40, 3, generator=g).double()
+    fam = RegressionTasks([(x, y)] * 4, shots=8, query=8, test_fraction=0.25)
+    assert fam.output_dim == 3 and fam.prior_weight(8) == pytest.approx(1 / 24)
+    xs, ys, sigma2 = x[:8], y[:8], 0.7
+    # summed squared error + ||w||^2 / (2 sigma^2): closed form (X^T X + I / (2 sigma^2))^-1 X^T Y
+    w_sum = torch.linalg.solve(xs.T @ xs + torch.eye(2, dtype=xs.dtype) / (2 * sigma2), xs.T @ ys)
+    # the family's mean loss + prior_penalty at lambda = w / sigma^2: its gradient vanishes at w_sum
+    w = w_sum.clone().requires_grad_()
+    lam = {"w": torch.tensor(fam.prior_weight(8) / sigma2, dtype=xs.dtype)}
+    obj = fam.loss(xs @ w, ys) + prior_penalty({"w": w}, {"w": torch.zeros_like(w)}, lam)
+    (g_w,) = torch.autograd.grad(obj, w)
+    assert float(g_w.abs().max()) < 1e-12
+    # the old weight 1 / n moves the minimiser
+    lam_old = {"w": torch.tensor(1 / 8 / sigma2, dtype=xs.dtype)}
+    obj = fam.loss(xs @ w, ys) + prior_penalty({"w": w}, {"w": torch.zeros_like(w)}, lam_old)
+    assert float(torch.autograd.grad(obj, w)[0].abs().max()) > 1e-3
+
+
 def test_image_family_via_registry():
     imgs = torch.randint(0, 256, (12, 6, 10, 10), dtype=torch.uint8, generator=gen())
     register_source("_unit", lambda cfg: {"images": imgs, "groups": [i // 3 for i in range(12)]})
