@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, WithJsonSchema
 
-from .job import Int, _json_integer  # request integers: JSON Schema's (3.0 is one), validated strictly
+from .types import Int, _json_integer  # request integers: JSON Schema's (3.0 is one), validated strictly
 
 # timestamps are stored as naive UTC (SQLite keeps no zone); answered as RFC 3339 with the offset
 UtcDatetime = Annotated[datetime, PlainSerializer(
