@@ -22,6 +22,11 @@ from .optim import build_optimizer
 from .tasks import build_family
 
 MAX_ADAPT_STEPS = 10_000
+# An adaptation diverges when its support loss is not finite or exceeds DIVERGE_FACTOR x its loss before the first
+# step: gradient descent on the support loss does not legitimately grow it a thousandfold (Adam's and momentum's
+# transients stay within ~10x), and a Meta-SGD model with rates learned for 5 steps reached 2e24x its start at
+# step 50 while staying finite. The adaptation then stops and returns its best support-loss step.
+DIVERGE_FACTOR = 1e3
 
 
 MIN_GAP = math.log(100.0)  # Sec. 4.3: task-independent sigma^2 "at least two orders of magnitude smaller"
@@ -124,17 +129,23 @@ class _FlatPlan:
         return out
 
 
+def _diverged(loss, curve: list) -> bool:
+    """``loss`` (a 0-d tensor) is not finite, or above DIVERGE_FACTOR x the first loss of ``curve``."""
+    v = float(loss)
+    return not math.isfinite(v) or (bool(curve) and v > DIVERGE_FACTOR * float(curve[0]))
+
+
 def _last_loss(curve: list, diverged, steps: int, loss_fn):
-    """The end of an adaptation loop: the support loss after the last step joins ``curve`` when finite (else the
-    adaptation diverged at ``steps``). Returns the step of divergence or None; a loss that was not finite before
-    any step is a NonFiniteError (the inputs make the model overflow)."""
+    """The end of an adaptation loop: the support loss after the last step joins ``curve`` unless it diverged
+    (``_diverged``: then the adaptation diverged at ``steps``). Returns the step of divergence or None; a loss
+    that was not finite before any step is a NonFiniteError (the inputs make the model overflow)."""
     if diverged is None:
         with torch.no_grad():
             loss = loss_fn()
-        if torch.isfinite(loss):
-            curve.append(loss)
-        else:
+        if _diverged(loss, curve):
             diverged = steps
+        else:
+            curve.append(loss)
     if diverged == 0:
         raise NonFiniteError("the support loss is not finite before adaptation: the inputs' magnitude makes the "
                              "model overflow")
@@ -313,7 +324,7 @@ class MetaModel:
         ``update(flat, flat_grad) -> flat``. The leaves the forward sees are built once: views of one buffer that
         each step's new values are copied into (no per-step split, views or graph nodes for them)."""
         frozen, unflat = plan.frozen, plan.unflat
-        curve, last_good, diverged = [], flat, None
+        curve, best, best_loss, diverged = [], flat, math.inf, None
         buf = flat.clone()
         leaves = {k: v.detach().requires_grad_(True) for k, v in unflat(buf).items()}  # share buf's storage
         inputs, params = list(leaves.values()), {**frozen, **leaves}
@@ -323,10 +334,11 @@ class MetaModel:
             if interrupt is not None:
                 interrupt(step - 1)
             loss, obj = objective(params, leaves)
-            if not math.isfinite(loss.item()):
+            if _diverged(loss, curve):
                 diverged = step - 1
                 break
-            last_good = flat
+            if float(loss) < best_loss:
+                best, best_loss = flat, float(loss)
             grads = torch.autograd.grad(obj, inputs) if inputs else ()
             curve.append(loss.detach())
             if inputs:
@@ -336,17 +348,17 @@ class MetaModel:
             if on_step is not None:
                 on_step(step, {**frozen, **unflat(flat)})
         diverged = _last_loss(curve, diverged, steps, lambda: objective({**frozen, **unflat(flat)}, unflat(flat))[0])
-        if diverged is not None:
-            flat = last_good
+        if diverged is not None:  # the best support-loss step before the divergence
+            flat = best
         params = {**frozen, **plan.unflat(flat, copy=True)}
         return AdaptResult(params, chosen, [float(v) for v in torch.stack(curve).cpu()], diverged)
 
     def _steps(self, frozen, theta, steps, chosen, objective, update, on_step, interrupt=None) -> AdaptResult:
         """The adaptation loop: ``objective(params, leaves) -> (data loss, objective)``, ``update(theta, grads)``.
-        Stops at the first step whose support loss is not finite and returns the last parameters with a finite
-        loss (``diverged_at_step``); a loss that is not finite before any step is a ValueError (the inputs make
-        the model overflow)."""
-        curve, last_good, diverged = [], theta, None
+        Stops at the first step whose support loss diverges (not finite, or above DIVERGE_FACTOR x its start) and
+        returns the parameters of the lowest support loss before it (``diverged_at_step``); a loss that is not
+        finite before any step is a ValueError (the inputs make the model overflow)."""
+        curve, best, best_loss, diverged = [], theta, math.inf, None
         if on_step is not None:
             on_step(0, {**frozen, **theta})
         for step in range(1, steps + 1):
@@ -354,10 +366,11 @@ class MetaModel:
                 interrupt(step - 1)
             leaves = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
             loss, obj = objective({**frozen, **leaves}, leaves)
-            if not torch.isfinite(loss):
+            if _diverged(loss, curve):
                 diverged = step - 1
                 break
-            last_good = theta
+            if float(loss) < best_loss:
+                best, best_loss = theta, float(loss)
             grads = torch.autograd.grad(obj, list(leaves.values())) if leaves else ()
             curve.append(loss.detach())
             with torch.no_grad():
@@ -366,7 +379,7 @@ class MetaModel:
                 on_step(step, {**frozen, **theta})
         diverged = _last_loss(curve, diverged, steps, lambda: objective({**frozen, **theta}, theta)[0])
         if diverged is not None:
-            theta = last_good
+            theta = best
         return AdaptResult({**frozen, **theta}, chosen, [float(v) for v in torch.stack(curve).cpu()], diverged)
 
     def _adapt_rule(self, xs, ys, steps, chosen, names, lr, on_step, interrupt=None):

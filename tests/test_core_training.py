@@ -304,16 +304,25 @@ def test_diverged_tasks_are_left_out_of_the_meta_update():
 
 
 # ---------------------------------------------------------------------------------- divergence
-def test_adapt_stops_at_the_last_finite_step():
+def test_adapt_stops_at_divergence_and_keeps_its_best_step():
+    from core.adapt import DIVERGE_FACTOR
     mm = MetaTrainer(sinusoid_cfg("maml", steps=2)).meta_model()
     x = torch.linspace(-5, 5, 10).view(-1, 1)
     res = mm.adapt(x, 1e12 * torch.sin(x), steps=200, modules="all", lr=1.0)
     d = res.diverged_at_step
     assert d is not None and 1 <= d <= 200, d
-    # the curve holds the finite losses of theta_0 .. theta_{d-1}; the returned parameters are theta_{d-1}
+    # the curve holds the losses of theta_0 .. theta_{d-1}, none past DIVERGE_FACTOR x the start; the returned
+    # parameters are those of the lowest of them
     assert len(res.loss_curve) == d and all(math.isfinite(v) for v in res.loss_curve)
+    assert max(res.loss_curve) <= DIVERGE_FACTOR * res.loss_curve[0]
     assert all(bool(torch.isfinite(v).all()) for v in res.params.values())
-    assert float(mm.loss(res.params, x, 1e12 * torch.sin(x))) == pytest.approx(res.loss_curve[-1], rel=1e-5)
+    assert float(mm.loss(res.params, x, 1e12 * torch.sin(x))) == pytest.approx(min(res.loss_curve), rel=1e-5)
+    # finite but exploding (issue 21: a step size far past stability): stopped at DIVERGE_FACTOR, never served
+    # worse than the unadapted model
+    y = torch.sin(x)
+    res = mm.adapt(x, y, steps=200, modules="all", lr=3.0)
+    assert res.diverged_at_step is not None and res.diverged_at_step < 200, res.loss_curve[-3:]
+    assert float(mm.loss(res.params, x, y)) <= res.loss_curve[0] + 1e-6
     ok = mm.adapt(x, torch.sin(x), steps=20, modules="all")
     assert ok.diverged_at_step is None and len(ok.loss_curve) == 21
     with pytest.raises(ValueError, match="overflow"):
