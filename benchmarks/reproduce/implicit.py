@@ -1,8 +1,8 @@
 """The implicit family on few-shot Omniglot (issue 20, item 1): does iMAML learn with its defaults, and is
-sigma-iMAML at least as good as iMAML?
+sigma-iMAML at least as good as iMAML? (And sigma-Reptile, whose sigma^2 gradient is implicit too, beside Reptile.)
 
     python -m benchmarks.reproduce.implicit diagnose                 # Hessian spectrum at theta_K, old vs new defaults
-    python -m benchmarks.reproduce.implicit run --seeds 0 1 2        # maml, imaml, sigma_imaml, raw per seed
+    python -m benchmarks.reproduce.implicit run --seeds 0 1 2        # every method of METHODS, raw per seed
     python -m benchmarks.reproduce.implicit report                   # docs/results/implicit.md
 
 Protocol: ``benchmarks.reproduce.omniglot``'s 5-way 1-shot body (conv4 with 32 channels, meta-batch 8, 5 query images
@@ -32,8 +32,8 @@ from benchmarks.reproduce.omniglot import body
 from core import MetaTrainer, evaluate, mean_ci, paired
 from schemas import JobConfig
 
-METHODS = ["maml", "imaml", "sigma_imaml"]
-PAIRS = [("imaml", "maml"), ("sigma_imaml", "imaml")]
+METHODS = ["maml", "imaml", "sigma_imaml", "reptile", "sigma_reptile"]
+PAIRS = [("imaml", "maml"), ("sigma_imaml", "imaml"), ("sigma_reptile", "reptile")]
 STEPS = [0, 1, 5, 10, 20, 50]
 TRACE = ("query_loss", "stationarity", "cg_residual", "grad_norm")
 RAW = os.path.join(RESULTS, "raw")
