@@ -88,7 +88,10 @@ class SigmaReptile(_Shrinkage, _Implicit):
         "supports 'support' starves phi of data: Omniglot 5-way 1-shot, 2,000 meta-steps, test accuracy after 10 "
         "steps 0.834 ('task') vs 0.406 ('support') vs Reptile 0.841; sinusoid with the defaults, MSE after 100 "
         "steps 0.148 ('task') vs 0.184 ('support') vs Reptile 0.149 (docs/results/omniglot_5way.md and "
-        "sinusoid.md; the 'support' figures are those files at commit 5580d4e, same scripts)")
+        "sinusoid.md; the 'support' figures are those files at commit 5580d4e, same scripts). Its losses: the "
+        "20,000-step sinusoid runs, MSE after 100 steps 0.166 +- 0.119 ('task') vs 0.109 +- 0.022 ('support'), and "
+        "long adaptation on 5 points 2.07x vs 1.11x the best MSE at 10,000 steps (sinusoid.md then and at 5580d4e; "
+        "both with the old 5-step inner loop)")
 
 
 class Reptile(Strict):
