@@ -130,9 +130,10 @@ def retry_job(job_id: str, request: Request, s: Session, t: Tenant):
     if not Q.retry(s, job_id):
         raise ApiError(409, f"job {job_id} is {j.status}; only failed or canceled jobs can be retried")
     s.commit()
-    try_send(enqueue, request.app, job_id)
     s.refresh(j)
-    return job_view(j)
+    view = job_view(j)  # the state the retry made (queued): a worker may claim the job as soon as it is sent
+    try_send(enqueue, request.app, job_id)
+    return view
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsOut)
