@@ -16,7 +16,7 @@ Ten lines, no server::
 from .adapt import AdaptResult, MetaModel, select_modules, selection
 from .algorithms import ALGORITHMS, SIGMA_ALGORITHMS, Learner, build_algorithm
 from .cg import conjugate_gradient
-from .evaluation import evaluate, mean_ci, paired
+from .evaluation import evaluate, mean_ci, paired, validated_selection
 from .models import build_model, init_params
 from .modules import Partition, PartitionError, build_partition, inverse_gamma_penalty, prior_penalty, sigma2
 from .optim import adam, build_optimizer, proximal_adam, proximal_gd, sgd
@@ -28,5 +28,5 @@ __all__ = [
     "conjugate_gradient", "build_model", "init_params", "Partition", "PartitionError", "build_partition",
     "inverse_gamma_penalty", "prior_penalty", "sigma2", "adam", "build_optimizer", "proximal_adam", "proximal_gd",
     "sgd", "Family", "TaskBatch", "build_family", "register_source", "MetaTrainer", "resolve_device", "evaluate",
-    "mean_ci", "paired",
+    "mean_ci", "paired", "validated_selection",
 ]

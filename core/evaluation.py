@@ -175,6 +175,25 @@ def evaluate(meta_model, family=None, n_tasks: int = 600, steps: Iterable[int] =
         raise ValueError("n_tasks must be >= 1")
     generator = generator if generator is not None else torch.Generator().manual_seed(int(seed))
     choices = _module_choices(meta_model, modules)
+    per_task, used = _per_task(meta_model, family, n_tasks, steps, choices, split, generator, batch_size, lr,
+                               vectorize, progress)
+    results = []
+    for label, names in choices:
+        vals = per_task[label]  # [len(steps), n_tasks]
+        for i, s in enumerate(steps):
+            ok = torch.isfinite(vals[i])  # a diverged task is counted, never averaged in as NaN
+            stats = mean_ci(vals[i][ok]) if bool(ok.any()) else {"mean": float("nan"), "ci95": float("nan"),
+                                                                  "std": float("nan"), "n": 0}
+            results.append({"step": s, "modules": label, "adapted": list(names), **stats,
+                            "diverged": int((~ok).sum())})
+    return {"metric": metric_name(meta_model.kind), "split": split, "n_tasks": int(n_tasks), "steps": steps,
+            "ci": "95% half-width = t(0.975, n-1) * sample std (ddof=1) over tasks / sqrt(n_tasks)",
+            "vectorize": used, "results": results}
+
+
+def _per_task(meta_model, family, n_tasks, steps, choices, split, generator, batch_size, lr, vectorize, progress):
+    """{label: per-task query metric [len(steps), n_tasks]} for each (label, module names) of ``choices``, every
+    choice on the same tasks; and the vectorisation used."""
     adapters = [(label, names, _Adapter(meta_model, meta_model.partition.param_names(names), lr))
                 for label, names in choices]
     per_task = {label: [] for label, _, _ in adapters}
@@ -198,15 +217,48 @@ def evaluate(meta_model, family=None, n_tasks: int = 600, steps: Iterable[int] =
         done += b
         if progress is not None:
             progress(done, n_tasks)
-    results = []
-    for label, names, _ in adapters:
-        vals = torch.cat(per_task[label], dim=1)  # [len(steps), n_tasks]
-        for i, s in enumerate(steps):
-            ok = torch.isfinite(vals[i])  # a diverged task is counted, never averaged in as NaN
-            stats = mean_ci(vals[i][ok]) if bool(ok.any()) else {"mean": float("nan"), "ci95": float("nan"),
-                                                                  "std": float("nan"), "n": 0}
-            results.append({"step": s, "modules": label, "adapted": list(names), **stats,
-                            "diverged": int((~ok).sum())})
-    return {"metric": metric_name(meta_model.kind), "split": split, "n_tasks": int(n_tasks), "steps": steps,
-            "ci": "95% half-width = t(0.975, n-1) * sample std (ddof=1) over tasks / sqrt(n_tasks)",
-            "vectorize": vectorize if vectorize == "adapt" else ("vmap" if use_vmap else "loop"), "results": results}
+    used = vectorize if vectorize == "adapt" else ("vmap" if use_vmap else "loop")
+    return {label: torch.cat(v, dim=1) for label, v in per_task.items()}, used
+
+
+def validated_selection(meta_model, family=None, n_tasks: int = 200, steps: Optional[int] = None,
+                        split: str = "val", seed: int = 0, batch_size: int = 25) -> dict:
+    """Task-specific modules chosen on meta-validation tasks instead of by a sigma^2 threshold (issue 20: the ln-100
+    gap rule flips from every module to one between nearby gaps, and raw sigma^2 does not compare across module
+    types).
+
+    Modules are ranked by learned sigma^2 (largest first); each prefix of the ranking (the top 1, the top 2, ...,
+    all) adapts on the same ``n_tasks`` tasks of ``split`` for ``steps`` steps (the deployment horizon; default
+    ``inner.steps``), and the smallest prefix whose paired per-task difference to "all" is within one standard
+    error of it (no worse than all by more than one SE) is chosen. Returns ``{"method": "validated", "selected",
+    "ranking", "horizon", "n_tasks", "split", "metric", "evidence": [{"modules", "mean", "diff_vs_all", "se",
+    "within"}]}``: the evidence a module map can store. Without learned sigma^2 every module is selected."""
+    if not meta_model.learns_sigma:
+        return {"method": "validated", "selected": list(meta_model.partition.names), "ranking": None,
+                "horizon": None, "n_tasks": 0, "split": split, "metric": metric_name(meta_model.kind), "evidence": []}
+    family = family if family is not None else meta_model.family
+    horizon = int(meta_model.config["inner"]["steps"] if steps is None else steps)
+    names = list(meta_model.partition.names)
+    s2 = meta_model.sigma2()
+    ranking = sorted(range(len(names)), key=lambda i: -float(s2[i]))
+    prefixes = [[names[i] for i in ranking[:k]] for k in range(1, len(names) + 1)]
+    choices = [("+".join(p), p) for p in prefixes]
+    per_task, _ = _per_task(meta_model, family, n_tasks, [horizon], choices, split,
+                            torch.Generator().manual_seed(int(seed)), batch_size, None, "auto", None)
+    higher_better = meta_model.kind == "classification"
+    ref = per_task[choices[-1][0]][0]
+    evidence, chosen = [], None
+    for label, mods in choices:
+        v = per_task[label][0]
+        ok = torch.isfinite(v) & torch.isfinite(ref)
+        d = v[ok] - ref[ok]
+        se = float(d.std(unbiased=True) / math.sqrt(d.numel())) if d.numel() > 1 else 0.0
+        worse = -float(d.mean()) if higher_better else float(d.mean())
+        within = bool(ok.all()) and worse <= se
+        evidence.append({"modules": mods, "mean": float(v[ok].mean()), "diff_vs_all": float(d.mean()), "se": se,
+                         "within": within})
+        if within and chosen is None:
+            chosen = mods
+    return {"method": "validated", "selected": [n for n in names if n in chosen], "ranking": [names[i] for i in ranking],
+            "horizon": horizon, "n_tasks": int(n_tasks), "split": split, "metric": metric_name(meta_model.kind),
+            "evidence": evidence}

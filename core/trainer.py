@@ -1,4 +1,11 @@
-"""The meta-step skeleton and everything needed to checkpoint and resume it bit for bit."""
+"""The meta-step skeleton and everything needed to checkpoint and resume it bit for bit.
+
+Over 450 lines on purpose (issue 24): ``MetaTrainer`` is one object whose step paths (vmap or per-task threads,
+eager or compiled, the "auto" compile decision, torch.distributed ranks) share the meta state, the outer
+optimizer, the generator and the checkpointed decisions; splitting them across modules would pass that state
+around instead of keeping the resume contract (same numbers to the bit) in one place. The per-task update rules
+live in ``core.algorithms`` / ``core.baselines``, the rank plumbing in ``core.distributed``.
+"""
 from __future__ import annotations
 
 import time
@@ -382,7 +389,9 @@ class MetaTrainer:
         CompileRecords().put(self.compile_key(), **{("cold_compile_s" if cold else "warm_compile_s"): dt})
         return metrics
 
-    def _auto_compile_step(self, batch):
+    def _auto_compile_step(self, batch):  # ~85 lines: one decision procedure, read top to bottom (measure,
+        # decide, compile, compare, record); its branches each end the step, and split apart they would need the
+        # timings threaded through
         """A meta-step of an execution.compile "auto" job before its decision. One untimed eager step (lazy
         imports, first traces), AUTO_EAGER_SAMPLES timed ones, then the decision on the next step's batch: with
         R steps left and eager step time e, compile when R >= AUTO_MIN_REMAINING and R e >= REPAY_UNKNOWN x the

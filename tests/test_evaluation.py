@@ -137,3 +137,22 @@ def test_diverged_tasks_are_counted_not_averaged(vectorize):
     assert first["diverged"] == 0 and first["n"] == 12 and math.isfinite(first["mean"])
     assert last["diverged"] > 0 and last["n"] + last["diverged"] == 12
     assert last["n"] == 0 or math.isfinite(last["mean"])
+
+
+def test_validated_selection_scores_the_prefixes_of_the_sigma2_ranking():
+    from core import validated_selection
+    cfg = config(algorithm={"name": "sigma_reptile"}, modules={"partition": "per_tensor"},
+                 inner={"lr": 0.01, "steps": 3}, outer={"steps": 3})
+    t = MetaTrainer(cfg)
+    t.run()
+    mm = t.meta_model()
+    with torch.no_grad():
+        mm.log_sigma2.copy_(torch.tensor([2.0, 1.0, -5.0, -6.0], dtype=mm.log_sigma2.dtype))
+    r = validated_selection(mm, n_tasks=20, steps=50)
+    assert r["ranking"] == ["fc0.weight", "fc0.bias", "fc1.weight", "fc1.bias"] and r["horizon"] == 50
+    assert [e["modules"] for e in r["evidence"]] == [r["ranking"][:k] for k in range(1, 5)]
+    assert r["evidence"][-1]["diff_vs_all"] == 0 and r["evidence"][-1]["within"]
+    first = next(e for e in r["evidence"] if e["within"])  # the smallest prefix within one SE of "all"
+    assert r["selected"] == first["modules"] and first["diff_vs_all"] <= first["se"]
+    # a prefix that is worse than "all" by more than its standard error is not within
+    assert all(e["diff_vs_all"] > e["se"] for e in r["evidence"][:len(first["modules"]) - 1])

@@ -53,19 +53,41 @@ def test_imaml_defaults_learn_omniglot():
     assert ev["results"][0]["mean"] >= 0.80, ev["results"][0]
 
 
-def test_converged_sigma_reptile_does_not_overfit_long_adaptation():
+@pytest.fixture(scope="module")
+def converged_sigma_reptile():
+    """sigma-Reptile with its defaults (20 proximal inner steps) on sinusoid, 800 meta-steps."""
+    cfg = JobConfig.model_validate({"algorithm": {"name": "sigma_reptile"}, "model": {"arch": "mlp"},
+                                    "modules": {"partition": "per_tensor"}, "tasks": {"family": "sinusoid"},
+                                    "outer": {"steps": 800}, "execution": {"compile": False}, "seed": 0}).model_dump()
+    trainer = MetaTrainer(cfg)
+    trainer.run()
+    return trainer.meta_model()
+
+
+def test_converged_sigma_reptile_does_not_overfit_long_adaptation(converged_sigma_reptile):
     """Issue 20 / Sec. 5.3: sigma-Reptile meta-trained with its default inner loop (20 proximal steps, near the MAP)
     adapts a 5-shot sinusoid for 3,000 steps without overfitting: the final query MSE stays within 1.1x of the
     best on the schedule (docs/results/long_adaptation.md has 10,000 steps over 3 seeds)."""
     from core import build_family
     from schemas.job import SinusoidTasks
-    cfg = JobConfig.model_validate({"algorithm": {"name": "sigma_reptile"}, "model": {"arch": "mlp"},
-                                    "tasks": {"family": "sinusoid"}, "outer": {"steps": 800},
-                                    "execution": {"compile": False}, "seed": 0}).model_dump()
-    trainer = MetaTrainer(cfg)
-    trainer.run()
     few = build_family(SinusoidTasks(family="sinusoid", shots=5, query=10).model_dump(), 0)
-    ev = evaluate(trainer.meta_model(), family=few, n_tasks=100, steps=[0, 10, 100, 1000, 3000], seed=20_000)
+    ev = evaluate(converged_sigma_reptile, family=few, n_tasks=100, steps=[0, 10, 100, 1000, 3000], seed=20_000)
     curve = [r["mean"] for r in ev["results"]]
     assert curve[-1] <= 1.1 * min(curve), curve
     assert curve[-1] < 0.5 * curve[0], curve  # and it did adapt
+
+
+def test_validated_selection_holds_on_test_tasks(converged_sigma_reptile):
+    """Issue 20 item 5: the modules chosen on validation tasks (the smallest prefix of the sigma^2 ranking within one
+    standard error of adapting all) are, on held-out test tasks, within two standard errors of "all"."""
+    from core import validated_selection
+    mm = converged_sigma_reptile
+    sel = validated_selection(mm, n_tasks=200, steps=100, split="val", seed=1)
+    k = len(sel["selected"])
+    assert sel["selected"] == [n for n in mm.partition.names if n in sel["ranking"][:k]]  # a prefix of the ranking
+    assert [e["within"] for e in sel["evidence"]].index(True) == k - 1 and sel["evidence"][-1]["diff_vs_all"] == 0
+    # the same prefixes scored on held-out test tasks (paired per task against "all")
+    on_test = validated_selection(mm, n_tasks=200, steps=100, split="test", seed=2)
+    assert on_test["ranking"] == sel["ranking"]
+    e = on_test["evidence"][k - 1]
+    assert e["diff_vs_all"] <= 2 * e["se"], (sel, on_test)
