@@ -14,14 +14,15 @@ class Inner(Strict):
     )
     lr: Optional[PositiveFloat] = Field(
         None, description="default by task family: for image_classes 0.4 (Finn et al.'s Omniglot step size; "
-        "docs/results/omniglot_5way.md), except 0.2 for imaml, sigma_imaml and sigma_reptile, whose inner loop must "
+        "docs/results/omniglot_5way.md), except 0.2 for imaml and sigma_imaml, whose inner loop must "
         "converge (Table 8: iMAML 0.23; at 0.4 the step exceeds 2 / the largest Hessian eigenvalue, 4-10 on 5-way "
         "1-shot, and the loop oscillates: docs/results/implicit.md); 0.01 otherwise (Finn et al.'s sinusoid step "
         "size; docs/results/sinusoid.md)")
     steps: OptInt = Field(
         None, ge=1, le=10000, description="inner steps during meta-training; default 5, except 1 for the MAML "
         "family (maml, fomaml, sigma_maml) on image_classes (Finn et al.'s 5-way 1-shot Omniglot) and 20 for "
-        "imaml, sigma_imaml and sigma_reptile: their meta-gradient (Eq. 7, Eq. 10's sigma^2 part) is the "
+        "imaml, sigma_imaml and (except on image_classes, where 20 steps measured worse) sigma_reptile: their "
+        "meta-gradient (Eq. 7, Eq. 10's sigma^2 part) is the "
         "derivative at the MAP of the inner objective, so the inner loop must reach it (Table 8: iMAML 19 steps). "
         "The job metric 'stationarity' (the gradient norm of the inner objective at theta_K over its norm at phi) "
         "says how close it came; docs/results/implicit.md")
