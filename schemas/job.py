@@ -40,7 +40,8 @@ class JobConfig(Strict):
     def _converged_inner(name: str, image: bool) -> bool:
         """Whether the default inner loop is the one that reaches the MAP (20 proximal steps, lr 0.2 on images): the
         implicit family, whose meta-gradient is taken there. sigma_reptile on images keeps 5 steps at lr 0.4: at 20
-        steps and lr 0.2 it measured worse at 600 meta-steps (docs/results/implicit.md, seeds 0 and 2)."""
+        steps and lr 0.2, 600 meta-steps, two seeds gave 0.502 and 0.785 after 20 steps (Reptile 0.751 on the second;
+        docs/results/implicit.md): one collapsed, so it is not the image default before a 3-seed comparison says so."""
         return name in IMPLICIT_ALGORITHMS and not (image and name == "sigma_reptile")
 
     @model_validator(mode="after")

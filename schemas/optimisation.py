@@ -21,7 +21,7 @@ class Inner(Strict):
     steps: OptInt = Field(
         None, ge=1, le=10000, description="inner steps during meta-training; default 5, except 1 for the MAML "
         "family (maml, fomaml, sigma_maml) on image_classes (Finn et al.'s 5-way 1-shot Omniglot) and 20 for "
-        "imaml, sigma_imaml and (except on image_classes, where 20 steps measured worse) sigma_reptile: their "
+        "imaml, sigma_imaml and (except on image_classes, where one of two seeds collapsed at 20) sigma_reptile: their "
         "meta-gradient (Eq. 7, Eq. 10's sigma^2 part) is the "
         "derivative at the MAP of the inner objective, so the inner loop must reach it (Table 8: iMAML 19 steps). "
         "The job metric 'stationarity' (the gradient norm of the inner objective at theta_K over its norm at phi) "
