@@ -173,7 +173,9 @@ def report():
     for m, rs in out.items():
         lines.append(f"| {m} | " + " | ".join(f"{_at(r['eval'], 20)['mean']:.3f}" for r in rs) + " |")
     if partial:
-        lines += ["", "Runs with fewer seeds than the others (reported, not compared; accuracy after 1 / 20 / 50 steps):", ""]
+        lines += ["", "Runs with fewer seeds than the others (reported, not compared; accuracy after 1 / 20 / 50 steps; "
+                  "the inner loop is the one each run used: sigma_reptile's was the image default from 63b55f4 to "
+                  "ee1e056, and a rerun now uses 5 steps at lr 0.4):", ""]
         for m, rs in partial.items():
             c = rs[0]["config"]["inner"]
             lines.append(f"- {m} ({c['optimizer']}, lr {c['lr']}, {c['steps']} steps): " + "; ".join(
