@@ -93,9 +93,8 @@ class _FlatPlan:
         return out
 
 
-def _diverged(loss, curve: list) -> bool:
-    """``loss`` (a 0-d tensor) is not finite, or above DIVERGE_FACTOR x the first loss of ``curve``."""
-    v = float(loss)
+def _diverged(v: float, curve: list) -> bool:
+    """The support loss ``v`` is not finite, or above DIVERGE_FACTOR x the first loss of ``curve``."""
     return not math.isfinite(v) or (bool(curve) and v > DIVERGE_FACTOR * float(curve[0]))
 
 
@@ -106,7 +105,7 @@ def _last_loss(curve: list, diverged, steps: int, loss_fn):
     if diverged is None:
         with torch.no_grad():
             loss = loss_fn()
-        if _diverged(loss, curve):
+        if _diverged(loss.item(), curve):
             diverged = steps
         else:
             curve.append(loss)
@@ -297,11 +296,12 @@ class MetaModel:
             if interrupt is not None:
                 interrupt(step - 1)
             loss, obj = objective(params, leaves)
-            if _diverged(loss, curve):
+            v = loss.item()  # one device sync a step, as before
+            if _diverged(v, curve):
                 diverged = step - 1
                 break
-            if float(loss) < best_loss:
-                best, best_loss = flat, float(loss)
+            if v < best_loss:
+                best, best_loss = flat, v
             grads = torch.autograd.grad(obj, inputs) if inputs else ()
             curve.append(loss.detach())
             if inputs:
@@ -329,11 +329,12 @@ class MetaModel:
                 interrupt(step - 1)
             leaves = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
             loss, obj = objective({**frozen, **leaves}, leaves)
-            if _diverged(loss, curve):
+            v = loss.item()
+            if _diverged(v, curve):
                 diverged = step - 1
                 break
-            if float(loss) < best_loss:
-                best, best_loss = theta, float(loss)
+            if v < best_loss:
+                best, best_loss = theta, v
             grads = torch.autograd.grad(obj, list(leaves.values())) if leaves else ()
             curve.append(loss.detach())
             with torch.no_grad():
