@@ -24,9 +24,9 @@ from .tasks import build_family
 
 MAX_ADAPT_STEPS = 10_000
 # An adaptation diverges when its support loss is not finite or exceeds DIVERGE_FACTOR x its loss before the first
-# step: gradient descent on the support loss does not legitimately grow it a thousandfold (Adam's and momentum's
-# transients stay within ~10x), and a Meta-SGD model with rates learned for 5 steps reached 2e24x its start at
-# step 50 while staying finite. The adaptation then stops and returns its best support-loss step.
+# step: a descent method does not legitimately grow its objective a thousandfold, while a finite blow-up does
+# happen (issue 21: a Meta-SGD sinusoid model adapted past its 5 meta-training steps answered a query MSE of 1.4e25
+# against 6.9 unadapted). The adaptation then stops and returns its best support-loss step.
 DIVERGE_FACTOR = 1e3
 
 

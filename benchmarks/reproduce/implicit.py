@@ -156,7 +156,7 @@ def report():
                          f"{r['stationarity']:.3f} | {r['cg_residual_over_rhs']:.2f} |")
         lines += ["", "Gradient descent on the inner objective converges only while lr x (largest eigenvalue) < 2, "
                   "and the implicit gradient (Eq. 7) needs H + lambda I + damping positive definite at theta_K, "
-                  "which holds at a minimum of the inner objective but not at an oscillating iterate.", ""]
+                  "which holds at a minimum of the inner objective but not at an iterate short of it.", ""]
     lines += ["## Test accuracy (mean over seeds)", "",
               "| method | inner loop | meta-steps | CPU s / seed | " + " | ".join(f"step {s}" for s in STEPS) + " |",
               "|---|---|---|---|" + "---|" * len(STEPS)]
