@@ -17,9 +17,9 @@ from . import errors
 from .dispatch import Reconciler
 from .errors import install_openapi
 from .metrics import install as install_metrics
-from .routes import adapters, checkpoints, datasets, evaluations, health, jobs, keys, lifecycle, live, models
+from .routes import adapters, checkpoints, datasets, evaluations, health, jobs, keys, lifecycle, live, models, usage
 
-ROUTERS = (health, jobs, checkpoints, datasets, models, evaluations, adapters, lifecycle, keys, live)
+ROUTERS = (health, jobs, checkpoints, datasets, models, evaluations, adapters, lifecycle, keys, live, usage)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -105,6 +105,10 @@ def _errors_for(path: str, method: str, op: dict) -> set:
             codes.add(422)
     if (path, method) in BODY_ROUTES:
         codes |= {413, 422}
+    if (path, method) == ("/v1/jobs", "post"):
+        codes |= {429, 507}  # 429: METASHRINK_TENANT_MAX_ACTIVE_JOBS; 507: METASHRINK_TENANT_QUOTA_BYTES
+    if (path, method) == ("/v1/models/{model_id}/adapt", "post"):
+        codes.add(507)  # save_adapter over the tenant's quota
     if (path, method) in ADAPT_ROUTES:
         codes |= {410, 429, 503, 504}  # 410: the model's or adapter's file is gone from the artifact store
     if path.endswith("/retry") or (method == "delete" and path in CONFLICT_DELETES):

@@ -159,6 +159,20 @@ def _send_and_wait(app: FastAPI, tenant: str, target_id: str | None, payload: di
     return got
 
 
+def check_room(app: FastAPI, tenant: str, what: str) -> None:
+    """507 when the tenant's artifacts are already at its quota (METASHRINK_TENANT_QUOTA_BYTES)."""
+    from store.datasets import tenant_usage
+    quota = app.state.settings.tenant_quota_bytes
+    if not quota:
+        return
+    with app.state.db.session() as s:
+        used = tenant_usage(s, tenant)
+    if used >= quota:
+        msg = (f"the tenant's artifacts store {used:,} bytes, at or over its quota of {quota:,} bytes: no room for "
+               f"{what} (GET /v1/usage); delete some or ask for a larger quota")
+        raise ApiError(507, msg, [{"loc": ["save_adapter"], "msg": msg}])
+
+
 def run_adapt(app: FastAPI, tenant: str, target_id: str | None, payload: dict, task: str | None = None):
     """Send one adapt (or adapter predict, or batch predict: ``target_id`` None) request to the adapt queue and
     wait for its reply until the request's deadline (``adapt_timeout``): 504 after it, 503 while the broker is
@@ -170,6 +184,8 @@ def run_adapt(app: FastAPI, tenant: str, target_id: str | None, payload: dict, t
     from worker.celery_app import ADAPT
 
     route = "adapt" if task is None else "adapter_predict" if target_id is not None else "adapters_predict"
+    if payload.get("save_adapter"):
+        check_room(app, tenant, "an adapter")
     try:
         got = _send_and_wait(app, tenant, target_id, payload, task or ADAPT, route)
     except ApiError as e:

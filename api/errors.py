@@ -32,7 +32,8 @@ def pydantic_errors(exc: ValidationError | RequestValidationError, prefix=()) ->
 
 TITLES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
           409: "Conflict", 410: "Gone", 413: "Payload Too Large", 422: "Unprocessable Entity", 429: "Too Many Requests",
-          500: "Internal Server Error", 503: "Service Unavailable", 504: "Gateway Timeout"}
+          500: "Internal Server Error", 503: "Service Unavailable", 504: "Gateway Timeout",
+          507: "Insufficient Storage"}
 
 
 def problem(status: int, detail: str, errors: list | None = None, headers=None) -> JSONResponse:

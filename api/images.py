@@ -119,7 +119,7 @@ def _labels(form, n: int) -> list:
     else:
         labels = []
         for i, v in enumerate(vals):
-            if not re.fullmatch(r"\s*[+-]?\d{1,18}\s*", v):
+            if not re.fullmatch(r"\s*[+-]?[0-9]{1,18}\s*", v):
                 raise unprocessable(["labels", i], f"{v[:40]!r} is not an integer class label")
             labels.append(int(v))
     if not isinstance(labels, list) or len(labels) != n:
@@ -207,7 +207,7 @@ def adapt_payload(app, m, form) -> dict:
     request would be, the files' headers checked, the files packed with the model's preprocessing."""
     from schemas.api import AdaptRequest
 
-    from .validation import as_array, check_targets, validate_options
+    from .validation import as_array, check_adapt_cost, check_targets, model_shape, validate_options
 
     settings: Settings = app.state.settings
     _check_fields(form, ADAPT_FIELDS)
@@ -218,7 +218,7 @@ def adapt_payload(app, m, form) -> dict:
     body: dict = {"support": {"x": [], "y": []}, "query": {"x": []}}
     steps, save = _one(form, "steps"), _one(form, "save_adapter")
     if steps is not None:  # form fields are text: parsed here, then validated strictly as the JSON body is
-        if not re.fullmatch(r"[+-]?\d{1,18}", steps):
+        if not re.fullmatch(r"[+-]?[0-9]{1,18}", steps):
             raise unprocessable(["steps"], f"{steps[:40]!r} is not an integer")
         body["steps"] = int(steps)
     if save is not None:
@@ -232,6 +232,7 @@ def adapt_payload(app, m, form) -> dict:
     validate_options(req, m, settings)
     ys = check_targets(as_array(labels, "labels", integer=m.kind == "classification"), "labels", m.kind,
                        m.output_dim, len(support))
+    check_adapt_cost(model_shape(m), len(support) + len(query), req.steps, settings)
     check_headers(settings, spec, {"support": support, "query": query})
     return {"support": {"images": pack_files(support), "y": ys.tolist()}, "query": {"images": pack_files(query)},
             "preprocessing": spec, "steps": req.steps, "modules": req.modules, "save_adapter": req.save_adapter}

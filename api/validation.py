@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import unprocessable
+from schemas.cost import estimate_adapt, model_cost
+
+from .errors import ApiError, unprocessable
 
 if TYPE_CHECKING:
     from schemas.api import AdaptRequest
@@ -73,7 +75,20 @@ def model_shape(m) -> SimpleNamespace:
     """What the body checks need of a model row (kind, input_shape, output_dim, module_map), as a plain object
     that a parser process can receive."""
     return SimpleNamespace(kind=m.kind, input_shape=list(m.input_shape), output_dim=m.output_dim,
-                           module_map=list(m.module_map))
+                           module_map=list(m.module_map),
+                           macs=model_cost(m.config["model"], tuple(m.input_shape), m.output_dim)[2])
+
+
+def check_adapt_cost(m, rows: int, steps: int, settings: Settings) -> None:
+    """422 when an adaptation's estimated flops (schemas/cost.py: rows x steps x the model's multiply-adds per row)
+    are above METASHRINK_ADAPT_MAX_FLOPS: no request holds an adapt worker for minutes, whatever its shape."""
+    flops = estimate_adapt(m.macs, rows, steps)
+    if flops > settings.adapt_max_flops:
+        most = max(0, int(settings.adapt_max_flops / estimate_adapt(m.macs, rows, 0)) - 1)
+        raise ApiError(422, f"steps: estimated {flops:.3g} flops for {rows} rows x {steps} steps is above this "
+                            f"deployment's limit of {settings.adapt_max_flops:.3g} (METASHRINK_ADAPT_MAX_FLOPS); "
+                            f"with {rows} rows at most {most} steps",
+                       [{"loc": ["steps"], "msg": f"estimated {flops:.3g} flops > limit {settings.adapt_max_flops:.3g}"}])
 
 
 def validate_options(req: AdaptRequest, m, settings: Settings) -> None:
@@ -102,4 +117,5 @@ def validate_adapt(req: AdaptRequest, m, settings: Settings) -> dict:
     ys = check_targets(as_array(req.support.y, "support.y", integer=cls), "support.y", m.kind, m.output_dim,
                        xs.shape[0])
     xq = check_inputs(as_array(req.query.x, "query.x"), "query.x", tuple(m.input_shape))
+    check_adapt_cost(m, len(xs) + len(xq), req.steps, settings)
     return {"support": {"x": xs, "y": ys}, "query": {"x": xq}, "steps": req.steps, "modules": req.modules}

@@ -307,3 +307,31 @@ class KeyCreated(KeyOut):
 class KeyPage(BaseModel):
     items: list[KeyOut]
     next_cursor: Optional[str] = None
+
+
+class UsageBytes(BaseModel):
+    datasets: int
+    checkpoints: int
+    models: int
+    adapters: int
+    total: int
+
+
+class UsageLimits(BaseModel):
+    """The deployment's limits a tenant's requests are admitted against (store/settings.py)."""
+    tenant_quota_bytes: Optional[int] = Field(description="METASHRINK_TENANT_QUOTA_BYTES; null: unlimited")
+    tenant_max_active_jobs: int
+    job_max_memory_bytes: int
+    job_max_flops: float
+    job_max_checkpoint_bytes: int
+    keep_checkpoints: int
+    adapt_max_flops: float
+    adapt_max_steps: int
+    adapt_max_rows: int
+    adapt_tenant_concurrency: int
+
+
+class UsageOut(BaseModel):
+    bytes: UsageBytes = Field(description="what the tenant's artifacts store, by kind")
+    active_jobs: int = Field(description="the tenant's queued and running jobs")
+    limits: UsageLimits

@@ -61,6 +61,9 @@ class Run(Strict):
     validation tasks."""
 
     checkpoint_every: Int = Field(100, ge=1)
+    keep_checkpoints: OptInt = Field(
+        None, ge=1, le=1000, description="checkpoints kept on disk: the latest n (and the best validated one); older "
+        "ones are deleted as new ones are written. None = the deployment's METASHRINK_KEEP_CHECKPOINTS (default 3)")
     module_map_every: Int = Field(50, ge=1)
     log_every: Int = Field(10, ge=1)
     validate_every: OptInt = Field(

@@ -14,13 +14,27 @@ def dataset_ids(tasks_cfg: dict) -> list[str]:
 
 
 # --------------------------------------------------------------------------- processing and the tenant's quota
-def tenant_usage(session, tenant: str) -> int:
-    """Bytes the tenant's datasets store: each ready dataset's collection file, each processing one's estimate
-    (its reservation; the raw upload kept meanwhile is not counted); failed ones store nothing (0)."""
+def usage_by_kind(session, tenant: str) -> dict:
+    """Bytes the tenant's artifacts store, by kind: ``datasets`` (each ready dataset's collection file, each
+    processing one's estimate, its reservation; failed ones 0), ``checkpoints`` (of its jobs: retention keeps
+    them bounded), ``models`` and ``adapters``; and their ``total``."""
     from sqlalchemy import func, select
 
-    from .models import Dataset
-    return int(session.scalar(select(func.coalesce(func.sum(Dataset.bytes), 0)).where(Dataset.tenant == tenant)))
+    from .models import Adapter, Checkpoint, Dataset, Job, MetaModelRow
+
+    def total(col, *where):
+        return int(session.scalar(select(func.coalesce(func.sum(col), 0)).where(*where)))
+
+    out = {"datasets": total(Dataset.bytes, Dataset.tenant == tenant),
+           "checkpoints": total(Checkpoint.bytes, Checkpoint.job_id.in_(select(Job.id).where(Job.tenant == tenant))),
+           "models": total(MetaModelRow.bytes, MetaModelRow.tenant == tenant),
+           "adapters": total(Adapter.bytes, Adapter.tenant == tenant)}
+    return {**out, "total": sum(out.values())}
+
+
+def tenant_usage(session, tenant: str) -> int:
+    """Bytes all of the tenant's artifacts store: what METASHRINK_TENANT_QUOTA_BYTES bounds (``usage_by_kind``)."""
+    return usage_by_kind(session, tenant)["total"]
 
 
 def lock_quota(session, tenant: str) -> None:
@@ -32,14 +46,14 @@ def lock_quota(session, tenant: str) -> None:
         session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": f"metashrink-quota:{tenant}"})
 
 
-def quota_problem(used: int, adding: int, quota: int) -> str | None:
-    """The 413 message when ``adding`` bytes to a tenant using ``used`` (``adding`` included) exceeds ``quota``
+def quota_problem(used: int, adding: int, quota: int, what: str = "this dataset") -> str | None:
+    """The message when ``adding`` bytes to a tenant using ``used`` (``adding`` included) exceeds ``quota``
     (0: unlimited)."""
     if not quota or used <= quota:
         return None
-    return (f"storing this dataset ({adding:,} bytes) would bring the tenant's datasets to {used:,} bytes, over "
-            f"its quota of {quota:,} bytes (in use before it: {used - adding:,} bytes); delete datasets or ask for "
-            f"a larger quota")
+    return (f"storing {what} ({adding:,} bytes) would bring the tenant's artifacts (datasets, checkpoints, models, "
+            f"adapters) to {used:,} bytes, over its quota of {quota:,} bytes (in use before it: {used - adding:,} "
+            f"bytes; GET /v1/usage); delete some or ask for a larger quota")
 
 
 def claim_processing(session, dataset_id: str, max_attempts: int) -> str:

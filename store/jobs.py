@@ -89,6 +89,10 @@ def release(session, job_id: str, owner: str) -> None:
                     .execution_options(synchronize_session=False))
 
 
+def cancel_requested(session, job_id: str) -> bool:
+    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
 def request_cancel(session, job_id: str) -> None:
     """A queued job ends ``canceled`` at once (a worker's claim then refuses it); a running one gets
     ``cancel_requested``, which its worker reads at its next heartbeat and ends the job ``canceled`` (or the

@@ -7,7 +7,7 @@ naming a missing file).
 
 The rules (the API's DELETE routes state them too):
 
-- job: a queued or running job must be canceled first (``stop_job``); a job whose published model still exists
+- job: a queued or running job must be canceled first (the API's DELETE asks, and waits for its worker); a job whose published model still exists
   conflicts (delete the model first). Its metrics, module maps and checkpoints go with it, and every file under
   ``jobs/<id>/`` (checkpoints of lost attempts included).
 - model: conflicts while an evaluation of it is queued or running (delete or await the evaluation). Its adapters
@@ -23,12 +23,11 @@ The rules (the API's DELETE routes state them too):
 """
 from __future__ import annotations
 
-import time
 
 from sqlalchemy import delete, select, update
 
 from .datasets import dataset_ids
-from .jobs import ACTIVE, TERMINAL, request_cancel
+from .jobs import ACTIVE
 from .models import Adapter, Checkpoint, Dataset, Evaluation, Job, JobMetric, MetaModelRow, ModuleMap
 
 
@@ -47,25 +46,6 @@ def _names(ids, n=5) -> str:
 
 
 # --------------------------------------------------------------------------- jobs
-def stop_job(db, job_id: str, timeout: float) -> str:
-    """Cancel a queued or running job and wait until it is terminal: a running job's worker reads the request at
-    its next heartbeat (at most a third of a lease apart, plus one meta-step) and ends it ``canceled``; a lost
-    worker's job is ended by the reconciler once its lease expires. Returns the terminal status, or raises
-    Conflict (retry later) when it is still running after ``timeout`` seconds."""
-    with db.session() as s:
-        request_cancel(s, job_id)
-    t0 = time.monotonic()
-    while True:
-        with db.session() as s:
-            status = s.scalar(select(Job.status).where(Job.id == job_id))
-        if status is None or status in TERMINAL:
-            return status
-        if time.monotonic() - t0 > timeout:
-            raise Conflict(f"job {job_id} is still {status}: it was asked to cancel and its worker has not stopped "
-                           f"yet; retry the delete shortly", retry_after=max(1, int(timeout)))
-        time.sleep(0.2)
-
-
 def delete_job(s, job: Job) -> list:
     if job.status in ACTIVE:
         raise Conflict(f"job {job.id} is {job.status}; cancel it first")

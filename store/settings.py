@@ -1,6 +1,7 @@
 """Service settings (environment variables with the METASHRINK_ prefix). Defaults are the embedded ones."""
 from __future__ import annotations
 
+import os
 import socket
 from functools import lru_cache
 from pathlib import Path
@@ -8,6 +9,13 @@ from typing import Literal, Optional
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX
+        return 16 * 1024 ** 3
 
 
 class Settings(BaseSettings):
@@ -57,6 +65,27 @@ class Settings(BaseSettings):
     reconcile_interval: float = Field(10.0, gt=0)
     requeue_queued_after: float = Field(300.0, gt=0, description="re-send a queued job's message after this long")
 
+    # admission by cost (schemas/cost.py): a job or adapt request whose estimate is above these is refused with 422
+    # naming the estimate and the fields that drive it
+    job_max_memory_bytes: int = Field(default_factory=lambda: _physical_memory() // 2, ge=1, description="estimated "
+                                      "memory of one meta-step of a job (parameters, optimizer state, every task's "
+                                      "inner-loop state, data and activations); also how much a training process's "
+                                      "resident memory may grow during an attempt (the job fails when it crosses "
+                                      "it). Default: half of the physical memory of the machine that reads it")
+    job_max_flops: float = Field(1e17, gt=0, description="estimated floating-point operations of a whole job "
+                                 "(meta-steps x one step's forward and backward passes); 1e17 admits the paper's "
+                                 "60k-step 20-way Omniglot MAML (2.9e16)")
+    job_max_checkpoint_bytes: int = Field(16 * 1024 ** 3, ge=1, description="estimated bytes of the checkpoints a "
+                                          "job keeps (its retention x one checkpoint)")
+    step_timeout: float = Field(3 * 3600.0, gt=0, description="seconds one meta-step may run (a cold compile "
+                                "included) before the job fails")
+    keep_checkpoints: int = Field(3, ge=1, description="checkpoints a job keeps on disk unless its run."
+                                  "keep_checkpoints says otherwise: the latest n, and the best validated one")
+    tenant_max_active_jobs: int = Field(16, ge=1, description="queued and running jobs one tenant may have; more "
+                                        "answer 429 with Retry-After")
+    adapt_max_flops: float = Field(5e11, gt=0, description="estimated floating-point operations of one adapt request "
+                                   "(support and query rows x steps x the model's multiply-adds per row x 6); "
+                                   "~25 s of one CPU core: one request cannot hold an adapt worker for minutes")
     adapt_max_steps: int = Field(10_000, ge=0)
     adapt_max_rows: int = Field(10_000, ge=1, description="support rows and query rows, each")
     adapt_max_bytes: int = Field(8 * 1024 * 1024, ge=1, description="request body size of adapt and adapter "
@@ -104,9 +133,11 @@ class Settings(BaseSettings):
                                     "that crosses it)")
     dataset_max_values: int = Field(32 * 1024 ** 2, ge=1, description="numbers (x and y entries) in one regression "
                                     "upload, from an NPZ's array headers or a CSV's header row and line count")
-    tenant_quota_bytes: int = Field(20 * 1024 ** 3, ge=0, description="bytes one tenant's datasets may store (the "
-                                    "decoded collections; while processing, their estimate); an upload over it is "
-                                    "413; 0 = unlimited")
+    tenant_quota_bytes: int = Field(20 * 1024 ** 3, ge=0, description="bytes all of one tenant's artifacts may store "
+                                    "(datasets: the decoded collections, while processing their estimate; "
+                                    "checkpoints, models, adapters; GET /v1/usage). An upload over it is 413; a job "
+                                    "whose checkpoints and model would cross it, or a saved adapter, 507; "
+                                    "0 = unlimited")
 
     reconciler: bool = Field(True, description="run the reconciler loop in the API process")
     reap_local_leases: bool = Field(False, description="re-queue at the next sweep a job whose lease holder is a "

@@ -88,5 +88,6 @@ def test_usage_and_quota_message(db):
     assert quota_problem(1700, 700, 0) is None  # unlimited
     assert quota_problem(1700, 700, 1700) is None
     msg = quota_problem(1700, 700, 1600)
-    assert "(700 bytes) would bring the tenant's datasets to 1,700 bytes, over its quota of 1,600 bytes" in msg
+    assert "(700 bytes) would bring the tenant's artifacts (datasets, checkpoints, models, adapters) to 1,700 bytes, " \
+           "over its quota of 1,600 bytes" in msg
     assert "in use before it: 1,000 bytes" in msg

@@ -36,7 +36,7 @@ def run_job(job_id: str):
         job = train.load(rt, job_id, owner)
         if job.world_size > 1:
             return ranks.supervise(rt, job_id, owner, job.config, job.tenant)
-        return train.train(rt, job)
+        return train.train(rt, job, hard_exit=True)
     except SystemExit:  # billiard's SIGTERM handler in pool children: a shutdown, or Celery cancelling the task
         # after losing the broker. Hand the job back now rather than when its lease expires.
         train.release(rt, job_id, owner)

@@ -22,14 +22,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import NamedTuple
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import and_, delete, insert, select, update
 
 from store import jobs as Q
 from store.models import Checkpoint, Job, JobMetric, MetaModelRow, ModuleMap, new_id, utcnow
 from store.preprocessing import model_preprocessing
 from store.telemetry import META_STEPS
 
-from .lease import LeaseKeeper, LeaseLost
+from .lease import LeaseKeeper, LeaseLost, StepInterrupted, rss_bytes
 from .runtime import Runtime, finite, public_error, use_datasets
 from .validation import Validation
 
@@ -76,10 +76,15 @@ def load(rt: Runtime, job_id: str, owner: str) -> ClaimedJob:
                           LatestCheckpoint(ck.uri, ck.sha256, ck.step) if ck else None)
 
 
-def train(rt: Runtime, job: ClaimedJob, comm=None) -> str:
+def train(rt: Runtime, job: ClaimedJob, comm=None, hard_exit: bool = False) -> str:
     """Run the attempt (with ``comm`` as rank 0 of a multi-rank job): "succeeded" or "canceled"; LeaseLost when
-    another worker took the job meanwhile. The lease is kept through long meta-steps (``LeaseKeeper``)."""
-    keeper = LeaseKeeper(rt, job.id, job.owner, rt.settings.lease_seconds)
+    another worker took the job meanwhile. ``LeaseKeeper`` watches every meta-step: it keeps the lease, and stops
+    the step on a cancel, past METASHRINK_STEP_TIMEOUT, or when this process's resident memory grows by more than
+    METASHRINK_JOB_MAX_MEMORY_BYTES over what it held when the attempt started (``hard_exit``: see LeaseKeeper)."""
+    st = rt.settings
+    base = rss_bytes() or 0
+    keeper = LeaseKeeper(rt, job.id, job.owner, st.lease_seconds, max_step_s=st.step_timeout,
+                         max_rss=base + st.job_max_memory_bytes, hard_exit=hard_exit)
     try:
         return TrainingRun(rt, job, keeper, comm).run()
     finally:
@@ -130,7 +135,12 @@ class TrainingRun:
         self.last_beat = time.monotonic()
         self.stop = self.val is not None and self.val.exhausted()  # resumed after the patience ran out
         while self.trainer.step_count < self.trainer.total_steps and not self.stop:
-            metrics = self.step()
+            try:
+                metrics = self.step()
+            except StepInterrupted as e:
+                if e.cancel:
+                    return self.cancel()
+                raise  # a limit: the job fails with the reason (run_job)
             validated, score = self.validate()
             if self.record(metrics, validated, score):
                 return self.cancel()
@@ -177,8 +187,11 @@ class TrainingRun:
             cancel = self.heartbeat(ses)
             Q.forget_after(ses, job.id, -1 if resumed_from is None else resumed_from)
             if self.val is not None:  # the validations before the checkpoint we resume from (none on a fresh start)
-                self.val.restore(ses.execute(select(Checkpoint.step, Checkpoint.val_score, Checkpoint.id)
-                                             .where(Checkpoint.job_id == job.id)).all(), trainer.family.kind)
+                # the validation series (checkpoints beyond the retention are gone; the best one is kept)
+                self.val.restore(ses.execute(
+                    select(JobMetric.step, JobMetric.value, Checkpoint.id)
+                    .outerjoin(Checkpoint, and_(Checkpoint.job_id == JobMetric.job_id, Checkpoint.step == JobMetric.step))
+                    .where(JobMetric.job_id == job.id, JobMetric.name == self.val.series)).all(), trainer.family.kind)
                 self.set_best(ses, self.val.best_checkpoint_id)
         if self.comm is not None:  # the other ranks take this (fresh or resumed) state before the first step
             self.comm.sync_state(trainer)
@@ -189,8 +202,7 @@ class TrainingRun:
         """One meta-step, the lease kept meanwhile; the first one's timings and a compile decision go in the
         startup record. The step's metrics are queued for the next heartbeat and returned."""
         t_step = time.monotonic()
-        with self.keeper.step():  # renews the lease while a step runs long (a compile)
-            m = self.trainer.step()
+        m = self.keeper.run_step(self.trainer.step)  # the lease kept, cancel and limits watched meanwhile
         self.steps_run.inc()
         if self.startup["first_step_s"] is None:  # this attempt's first step
             self.startup["first_step_s"] = round(time.monotonic() - t_step, 3)
@@ -234,11 +246,28 @@ class TrainingRun:
                 ses.add(Checkpoint(id=ckpt_id, job_id=self.job.id, step=step, uri=art.uri, sha256=art.sha256,
                                    bytes=art.bytes, meta=meta, val_score=score))
                 Q.made_progress(ses, self.job.id, self.job.owner)
+            best = self.val.best_checkpoint_id if self.val is not None else None
             if validated and self.val.improves(score):
                 self.set_best(ses, ckpt_id)
+                best = ckpt_id
+            pruned = self.prune(ses, best) if ckpt is not None else []
+        for uri in pruned:  # after the commit: a failure in between leaves an orphan file, never a row without one
+            self.rt.store.delete(uri)
         if validated:
             self.val.record(step, score, ckpt_id)
         return cancel
+
+    def prune(self, ses, best: str | None) -> list:
+        """Retention: the checkpoint rows beyond the latest ``keep_checkpoints`` (the job's, else the deployment's),
+        except the best validated one, deleted; their files' uris returned."""
+        keep = self.run_cfg.get("keep_checkpoints") or self.rt.settings.keep_checkpoints
+        ses.flush()
+        old = ses.execute(select(Checkpoint.id, Checkpoint.uri).where(Checkpoint.job_id == self.job.id)
+                          .order_by(Checkpoint.step.desc()).offset(keep)).all()
+        old = [(cid, uri) for cid, uri in old if cid != best]
+        if old:
+            ses.execute(delete(Checkpoint).where(Checkpoint.id.in_([cid for cid, _ in old])))
+        return [uri for _, uri in old]
 
     def beat_due(self, step: int) -> bool:
         return (step % self.run_cfg["log_every"] == 0 or self.startup != self.written_startup

@@ -8,7 +8,8 @@ so every validation sees the same tasks (a paired comparison) and the job's trai
 touched: a resumed job stays bit for bit the same as an uninterrupted one.
 
 The state (best score, its checkpoint, validations since the last improvement) is rebuilt on resume from
-the checkpoint rows, each of which carries the validation score of its step.
+the job's validation series (its metric rows), with the checkpoint of each step that still has one: retention
+deletes old checkpoints, but never the best.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ class Validation:
         self.patience = run.get("patience")
         self.min_delta = float(run.get("min_delta") or 0.0)
         self.seed = (int(cfg.get("seed", 0)) + VAL_SEED_OFFSET) % 2**63
-        self.metric: str | None = None
+        from core.evaluation import metric_name
+        self.metric = metric_name(trainer.family.kind)
         self.best: float | None = None
         self.best_step: int | None = None
         self.best_checkpoint_id: str | None = None
@@ -88,7 +90,7 @@ class Validation:
         return False
 
     def restore(self, rows, kind: str) -> None:
-        """Replay the validations recorded in checkpoint rows ``[(step, val_score, id)]`` (a resumed job)."""
+        """Replay the recorded validations ``[(step, val_score, checkpoint id or None)]`` (a resumed job)."""
         from core.evaluation import metric_name
 
         self.metric = metric_name(kind)

@@ -11,6 +11,8 @@ bytes go to the artifact store, the dataset is recorded ``processing`` and the a
 error. Jobs accept only ready datasets.
 """
 
+import re
+
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
@@ -90,7 +92,7 @@ async def upload_dataset(request: Request, t: Tenant):
         v = form.get(field)
         if v is None:
             continue
-        if not str(v).isdigit() or int(v) < lo:
+        if not re.fullmatch(r"[0-9]{1,9}", str(v)) or int(v) < lo:  # ASCII digits only: int("٣") is 3
             raise unprocessable(["body", field], f"must be an integer >= {lo}")
         opts[field] = int(v)
     if ("min_per_class" in opts and kind != "image_classes") or ("min_points" in opts and kind != "regression"):

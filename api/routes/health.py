@@ -10,7 +10,7 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-def healthz():
+async def healthz():  # on the event loop: a liveness probe never waits for a server thread
     return {"status": "ok"}
 
 

@@ -6,13 +6,14 @@ from typing import Annotated, Optional
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from schemas import JobConfig
+from schemas.cost import estimate_job, human_bytes
 from schemas.api import JobCreated, JobOut, JobPage, MetricsOut, ModulesOut
 from store import jobs as Q
-from store.datasets import dataset_ids
+from store.datasets import dataset_ids, quota_problem, tenant_usage
 from store.models import Dataset, Job, JobMetric, ModuleMap, new_id, utcnow
 
 from ..bodies import read_json
@@ -36,11 +37,13 @@ def _create_job(app, t: str, cfg: dict, idem: Optional[str]):
     check_validation_split(cfg)
     check_world_size(cfg, app.state.settings)
     with app.state.db.session() as s:
-        check_datasets(s, t, cfg["tasks"])
+        dims = check_datasets(s, t, cfg["tasks"])
         if idem:
             j = s.scalar(select(Job).where(Job.tenant == t, Job.idempotency_key == idem))
             if j is not None:
                 return JSONResponse({"id": j.id, "status": j.status}, status_code=202)
+        check_cost(s, t, cfg, dims, app.state.settings)
+        check_active_jobs(s, t, app.state.settings)
         now = utcnow()
         j = Job(id=new_id("job"), tenant=t, kind="train", status="queued", config=cfg, step=0,
                 total_steps=int(cfg["outer"]["steps"]), attempts=0, max_attempts=app.state.settings.max_attempts,
@@ -56,8 +59,49 @@ def _create_job(app, t: str, cfg: dict, idem: Optional[str]):
     return {"id": j.id, "status": "queued"}
 
 
-def check_datasets(s, t: str, tasks: dict):
+def check_cost(s, t: str, cfg: dict, dims: Optional[dict], settings) -> None:
+    """422 when the job's estimated memory per meta-step, compute or checkpoint bytes (schemas/cost.py) is above the
+    deployment's limit; the error names the estimate, the limit and the fields the estimate grows with. 507 when
+    its checkpoints and model would bring the tenant's artifacts over its quota."""
+    run = cfg["run"]
+    keep = run.get("keep_checkpoints") or settings.keep_checkpoints
+    cost = estimate_job({**cfg, "run": {**run, "keep_checkpoints": keep}}, dims)
+    drivers = ", ".join(f"{'.'.join(p)}={v}" for p, v in cost.drivers if v is not None)
+    for what, value, limit, env, show in (
+            ("memory per meta-step", cost.memory_bytes, settings.job_max_memory_bytes, "JOB_MAX_MEMORY_BYTES",
+             human_bytes),
+            ("compute", cost.total_flops, settings.job_max_flops, "JOB_MAX_FLOPS", lambda v: f"{v:.3g} flops"),
+            ("checkpoint storage", cost.checkpoint_bytes, settings.job_max_checkpoint_bytes,
+             "JOB_MAX_CHECKPOINT_BYTES", human_bytes)):
+        if value > limit:
+            field = ["run", "keep_checkpoints"] if what == "checkpoint storage" else \
+                ["outer", "steps"] if what == "compute" else list(cost.drivers[0][0])
+            raise ApiError(422, f"estimated {what} {show(value)} is above this deployment's limit of {show(limit)} "
+                                f"(METASHRINK_{env}); it grows with {drivers}"
+                                + (", outer.steps" if what == "compute" else ""),
+                           [{"loc": field, "msg": f"estimated {what} {show(value)} > limit {show(limit)}",
+                             "type": "cost", "estimate": cost.as_dict()}])
+    adding = cost.checkpoint_bytes + cost.model_bytes
+    problem = quota_problem(tenant_usage(s, t) + adding, adding, settings.tenant_quota_bytes,
+                            "this job's checkpoints and model (estimated)")
+    if problem:
+        raise ApiError(507, problem, [{"loc": ["run", "keep_checkpoints"], "msg": problem}])
+
+
+def check_active_jobs(s, t: str, settings) -> None:
+    """429 when the tenant already has ``tenant_max_active_jobs`` queued or running jobs."""
+    n = s.scalar(select(func.count()).select_from(Job).where(Job.tenant == t, Job.status.in_(Q.ACTIVE)))
+    if n >= settings.tenant_max_active_jobs:
+        raise ApiError(429, f"tenant has {n} queued or running jobs, the most allowed "
+                            f"(METASHRINK_TENANT_MAX_ACTIVE_JOBS); wait for one to finish or cancel one",
+                       headers={"Retry-After": "30"})
+
+
+def check_datasets(s, t: str, tasks: dict) -> Optional[dict]:
+    """422 unless every dataset the tasks name is the tenant's, of the right kind and ready. Returns the shapes
+    the cost estimate needs (``input_shape``, ``output_dim``) where the datasets' summaries give them."""
     want = "image_classes" if tasks.get("family") == "image_classes" else "regression"
+    dims = None
     for did in dataset_ids(tasks):
         d = s.get(Dataset, did)
         if d is None or d.tenant != t:
@@ -69,6 +113,10 @@ def check_datasets(s, t: str, tasks: dict):
             why = "wait until it is ready (GET /v1/datasets/{id})" if d.status == "processing" else \
                 f"it failed: {d.error}"
             raise unprocessable(["tasks", "dataset_id"], f"dataset {did} is {d.status}, not ready; {why}")
+        summary = d.summary or {}
+        if want == "regression" and summary.get("input_dim"):
+            dims = {"input_shape": [summary["input_dim"]], "output_dim": summary.get("output_dim") or 1}
+    return dims
 
 
 def check_world_size(cfg: dict, settings) -> None:

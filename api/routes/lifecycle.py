@@ -6,10 +6,15 @@ and 409 (problem+json naming what still depends on the resource) where a rule re
 transaction; the artifact files are removed from the store after it commits.
 """
 
+import asyncio
+import time
+
 from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import select
 
 from store import lifecycle as L
-from store.jobs import ACTIVE
+from store.jobs import ACTIVE, request_cancel
 from store.models import Checkpoint, Evaluation, Job
 
 from ..deps import Session, Tenant, own_adapter, own_dataset, own_job, own_model
@@ -31,20 +36,48 @@ def _delete(request: Request, s, fn, *rows) -> Response:
 
 
 @router.delete("/v1/jobs/{job_id}", tags=["jobs"], **NO_CONTENT)
-def delete_job(job_id: str, request: Request, s: Session, t: Tenant):
+async def delete_job(job_id: str, request: Request, t: Tenant):
     """Delete a job with its metrics, module maps and checkpoints (rows and files). A queued or running job is
-    canceled first: the request waits (up to one lease, ``lease_seconds``) for its worker to stop at its next
-    heartbeat, and answers 409 with Retry-After if it has not stopped by then. 409 while the model the job
-    published exists (delete the model first)."""
-    j = own_job(s, t, job_id)
-    if j.status in ACTIVE:
-        s.commit()  # end this transaction (an SQLite snapshot would hide the worker's update) while we wait
-        try:
-            L.stop_job(request.app.state.db, job_id, timeout=request.app.state.settings.lease_seconds)
-        except L.Conflict as e:
-            raise ApiError(409, e.detail, headers={"Retry-After": str(e.retry_after)})
-        s.refresh(j)
-    return _delete(request, s, L.delete_job, j)
+    canceled first: its worker stops the running step within seconds (worker/lease.py), and the request waits
+    for that, without holding a server thread, for up to ``STOP_WAIT`` seconds; it answers 409 with Retry-After
+    if the job is still running then. 409 while the model the job published exists (delete the model first).
+    Concurrent DELETEs of one job: one answers 204, the others 404 (it is gone) or 409."""
+    app = request.app
+    if await run_in_threadpool(_request_stop, app, t, job_id):
+        deadline = time.monotonic() + STOP_WAIT
+        while not await run_in_threadpool(_stopped, app, job_id):
+            if time.monotonic() > deadline:
+                raise ApiError(409, f"job {job_id} was asked to cancel and its worker has not stopped yet; retry "
+                                    f"the delete shortly", headers={"Retry-After": "2"})
+            await asyncio.sleep(0.25)
+    return await run_in_threadpool(_delete_job, request, t, job_id)
+
+
+STOP_WAIT = 15.0  # seconds: a step stops within ~2 s of a cancel (worker/lease.py), a lost worker's job never does
+
+
+def _request_stop(app, t: str, job_id: str) -> bool:
+    """404 unless the tenant's; asks an active job to cancel: True when it has to stop first."""
+    with app.state.db.session() as s:
+        j = own_job(s, t, job_id)
+        if j.status not in ACTIVE:
+            return False
+        request_cancel(s, job_id)
+        return True
+
+
+def _stopped(app, job_id: str) -> bool:
+    with app.state.db.session() as s:
+        status = s.scalar(select(Job.status).where(Job.id == job_id))
+    return status is None or status not in ACTIVE
+
+
+def _delete_job(request: Request, t: str, job_id: str) -> Response:
+    with request.app.state.db.session() as s:
+        j = s.scalar(select(Job).where(Job.id == job_id).with_for_update())  # one DELETE at a time per job
+        if j is None or j.tenant != t:
+            raise ApiError(404, f"job {job_id} not found")
+        return _delete(request, s, L.delete_job, j)
 
 
 @router.delete("/v1/models/{model_id}", tags=["models"], **NO_CONTENT)

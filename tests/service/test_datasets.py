@@ -131,6 +131,14 @@ def test_upload_refused_from_headers(service, data, kind, fname, fields, status,
     assert service.client.get("/v1/datasets", headers=service.h()).json()["items"] == before  # nothing recorded
 
 
+@pytest.mark.parametrize("value", ["²", "٣", "１", "9" * 5000, "-1", "0"])
+def test_numeric_form_fields_take_ascii_integers_only(service, value):
+    """Not a 500 (``"²".isdigit()`` is true, ``int("²")`` raises) and not a number (``int("٣")`` is 3)."""
+    r = upload(service, _image_zip(), "image_classes", "tiny.zip", min_per_class=value)
+    assert r.status_code == 422, r.text
+    assert r.json()["errors"][0]["loc"] == ["body", "min_per_class"]
+
+
 def _cut_png_zip() -> bytes:
     """A class folder whose second PNG has an intact header but cut pixel data: only decoding finds it."""
     good = _png(200, size=32)

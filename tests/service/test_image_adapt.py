@@ -129,6 +129,11 @@ def test_multipart_problems_are_422_naming_the_file(service, image_model, refere
     assert "1 labels for 2 support files" in r.json()["detail"]
     r = post(sup + qry, {"labels": ["0", "x"]})
     assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["labels", 1], r.text
+    for odd in ("１", "٣"):  # Unicode digits are not integers here (int() would take them)
+        r = post(sup + qry, {"labels": ["0", odd]})
+        assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["labels", 1], r.text
+        r = post(sup + qry, {"labels": "[0, 1]", "steps": odd})
+        assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["steps"], r.text
     r = post(sup + qry, {"labels": "[0, 7]"})  # the model has 3 classes
     assert r.status_code == 422 and "class labels must be in [0, 2]" in r.json()["detail"], r.text
     r = post(sup)

@@ -55,7 +55,7 @@ def test_lifecycle(service, reference):
     assert c.get(f"/v1/jobs/{jid}/modules", params={"step": 11}, headers=h).status_code == 404
 
     ck = c.get(f"/v1/jobs/{jid}/checkpoints", headers=h).json()["items"]
-    assert [x["step"] for x in ck] == [10, 20, 30, 40]
+    assert [x["step"] for x in ck] == [20, 30, 40]  # the default retention: the latest 3
     r = c.get(f"/v1/checkpoints/{ck[-1]['id']}/file", headers=h)
     assert r.status_code == 200
     assert hashlib.sha256(r.content).hexdigest() == ck[-1]["sha256"] and len(r.content) == ck[-1]["bytes"]

@@ -28,7 +28,7 @@ def test_validation_marks_best_and_publishes_it(service):
     c, h = service.client, service.h()
     cfg = small_config(steps=30)
     cfg["run"] = {"checkpoint_every": 10, "module_map_every": 10, "log_every": 5, "validate_every": 5,
-                  "validation_tasks": 20}
+                  "validation_tasks": 20, "keep_checkpoints": 10}
     jid = service.submit(cfg)
     j = service.wait(jid)
     assert j["status"] == "succeeded", j
