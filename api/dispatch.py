@@ -110,12 +110,14 @@ def _alive(pid: int) -> bool:
 def _send_and_wait(app: FastAPI, tenant: str, target_id: str | None, payload: dict, task: str, route: str):
     from redis.exceptions import RedisError
 
-    from worker.celery_app import ADAPT_QUEUE
+    from worker.celery_app import ADAPT_HEAVY_QUEUE, ADAPT_QUEUE
     from worker.redis_util import BLPOP_SLICE, reply_key
     from worker.wire import pack
 
     settings: Settings = app.state.settings
     r = app.state.redis
+    # the lane: large adaptations on workers of their own (worker/celery_app.py)
+    queue = ADAPT_HEAVY_QUEUE if payload.pop("cost_flops", 0.0) > settings.adapt_heavy_flops else ADAPT_QUEUE
     slot = f"metashrink:adapt-inflight:{tenant}"
     unavailable = ApiError(503, "the broker is unavailable; retry shortly", headers={"Retry-After": "5"})
     try:
@@ -136,7 +138,7 @@ def _send_and_wait(app: FastAPI, tenant: str, target_id: str | None, payload: di
         try:
             args = [rid, pack(payload)] if target_id is None else [rid, target_id, pack(payload)]
             # argsrepr: the arrays' base64 is no use in a log line, and Celery's repr of it costs per request
-            app.state.celery.send_task(task, args=args, queue=ADAPT_QUEUE, expires=settings.adapt_timeout,
+            app.state.celery.send_task(task, args=args, queue=queue, expires=settings.adapt_timeout,
                                        argsrepr=f"[{rid!r}, {target_id!r}, ...]", kwargsrepr="{}")
         except Exception:  # kombu's OperationalError and friends: the broker is down
             log.exception("adapt request %s: send failed", rid)

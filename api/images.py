@@ -232,10 +232,11 @@ def adapt_payload(app, m, form) -> dict:
     validate_options(req, m, settings)
     ys = check_targets(as_array(labels, "labels", integer=m.kind == "classification"), "labels", m.kind,
                        m.output_dim, len(support))
-    check_adapt_cost(model_shape(m), len(support) + len(query), req.steps, settings)
+    flops = check_adapt_cost(model_shape(m), len(support) + len(query), req.steps, settings)
     check_headers(settings, spec, {"support": support, "query": query})
     return {"support": {"images": pack_files(support), "y": ys.tolist()}, "query": {"images": pack_files(query)},
-            "preprocessing": spec, "steps": req.steps, "modules": req.modules, "save_adapter": req.save_adapter}
+            "preprocessing": spec, "steps": req.steps, "modules": req.modules, "save_adapter": req.save_adapter,
+            "cost_flops": flops}
 
 
 def predict_payload(app, m, form) -> dict:

@@ -79,9 +79,9 @@ def model_shape(m) -> SimpleNamespace:
                            macs=model_cost(m.config["model"], tuple(m.input_shape), m.output_dim)[2])
 
 
-def check_adapt_cost(m, rows: int, steps: int, settings: Settings) -> None:
-    """422 when an adaptation's estimated flops (schemas/cost.py: rows x steps x the model's multiply-adds per row)
-    are above METASHRINK_ADAPT_MAX_FLOPS: no request holds an adapt worker for minutes, whatever its shape."""
+def check_adapt_cost(m, rows: int, steps: int, settings: Settings) -> float:
+    """An adaptation's estimated flops (schemas/cost.py: rows x steps x the model's multiply-adds per row); 422 when
+    above METASHRINK_ADAPT_MAX_FLOPS: no request holds an adapt worker for minutes, whatever its shape."""
     flops = estimate_adapt(m.macs, rows, steps)
     if flops > settings.adapt_max_flops:
         most = max(0, int(settings.adapt_max_flops / estimate_adapt(m.macs, rows, 0)) - 1)
@@ -89,6 +89,7 @@ def check_adapt_cost(m, rows: int, steps: int, settings: Settings) -> None:
                             f"deployment's limit of {settings.adapt_max_flops:.3g} (METASHRINK_ADAPT_MAX_FLOPS); "
                             f"with {rows} rows at most {most} steps",
                        [{"loc": ["steps"], "msg": f"estimated {flops:.3g} flops > limit {settings.adapt_max_flops:.3g}"}])
+    return flops
 
 
 def validate_options(req: AdaptRequest, m, settings: Settings) -> None:
@@ -117,5 +118,6 @@ def validate_adapt(req: AdaptRequest, m, settings: Settings) -> dict:
     ys = check_targets(as_array(req.support.y, "support.y", integer=cls), "support.y", m.kind, m.output_dim,
                        xs.shape[0])
     xq = check_inputs(as_array(req.query.x, "query.x"), "query.x", tuple(m.input_shape))
-    check_adapt_cost(m, len(xs) + len(xq), req.steps, settings)
-    return {"support": {"x": xs, "y": ys}, "query": {"x": xq}, "steps": req.steps, "modules": req.modules}
+    flops = check_adapt_cost(m, len(xs) + len(xq), req.steps, settings)
+    return {"support": {"x": xs, "y": ys}, "query": {"x": xq}, "steps": req.steps, "modules": req.modules,
+            "cost_flops": flops}

@@ -83,6 +83,8 @@ class Serve:
                 out.setdefault("redis", []).append(p)
             elif "-Q train" in cmd:
                 out.setdefault("train", []).append(p)
+            elif "-Q adapt_heavy" in cmd:
+                out.setdefault("adapt_heavy", []).append(p)
             elif "-Q adapt" in cmd:
                 out.setdefault("adapt", []).append(p)
         return out

@@ -77,6 +77,10 @@ def cmd_serve(a):  # long: one start-up sequence (lock, environment, children, A
     children += [Child("train worker", lambda: start_worker("train", "train", log_path=logs / "worker-train.log")),
                  Child("adapt worker", lambda: start_worker("adapt", "adapt", log_path=logs / "worker-adapt.log",
                                                             concurrency=settings.adapt_concurrency, torch_threads=1)),
+                 # adaptations above METASHRINK_ADAPT_HEAVY_FLOPS: one process of their own (worker/celery_app.py)
+                 Child("heavy adapt worker", lambda: start_worker("adapt_heavy", "adapt-heavy",
+                                                                  log_path=logs / "worker-adapt-heavy.log",
+                                                                  torch_threads=1)),
                  # uploads are decoded on their own queue, behind neither training nor adapt deadlines
                  # (worker/dataset_tasks.py)
                  Child("datasets worker", lambda: start_worker("datasets", "datasets",

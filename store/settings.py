@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     adapt_max_flops: float = Field(5e11, gt=0, description="estimated floating-point operations of one adapt request "
                                    "(support and query rows x steps x the model's multiply-adds per row x 6); "
                                    "~25 s of one CPU core: one request cannot hold an adapt worker for minutes")
+    adapt_heavy_flops: float = Field(2e9, gt=0, description="adapt requests estimated above this many flops (about "
+                                     "0.1 s of one CPU core) go to the adapt_heavy queue and its own workers, so a "
+                                     "tenant's large adaptations never queue in front of another's small ones")
     adapt_max_steps: int = Field(10_000, ge=0)
     adapt_max_rows: int = Field(10_000, ge=1, description="support rows and query rows, each")
     adapt_max_bytes: int = Field(8 * 1024 * 1024, ge=1, description="request body size of adapt and adapter "

@@ -6,7 +6,9 @@
   sit in one worker's buffer while another is idle);
 - JSON only (never pickle); no result backend (the database holds job results, adapt results go back on a
   per-request Redis list);
-- three queues: ``train`` (long), ``adapt`` (short, latency-sensitive) and ``datasets`` (decoding uploads:
+- four queues: ``train`` (long), ``adapt`` (short, latency-sensitive), ``adapt_heavy`` (adapt requests whose
+  estimated cost is above METASHRINK_ADAPT_HEAVY_FLOPS, on workers of their own: one tenant's maximum-size
+  adaptations then never sit in front of another tenant's small ones) and ``datasets`` (decoding uploads:
   seconds to a minute). Uploads get their own queue and, in the embedded default, their own worker: on
   ``train`` an upload would wait behind hours of training (the embedded train worker runs one task at a time),
   and on ``adapt`` a minute of decoding would hold a worker that requests with deadlines wait for.
@@ -23,8 +25,9 @@ from store.settings import Settings
 
 TRAIN_QUEUE = "train"
 ADAPT_QUEUE = "adapt"
+ADAPT_HEAVY_QUEUE = "adapt_heavy"
 DATASETS_QUEUE = "datasets"
-QUEUES = (TRAIN_QUEUE, ADAPT_QUEUE, DATASETS_QUEUE)
+QUEUES = (TRAIN_QUEUE, ADAPT_QUEUE, ADAPT_HEAVY_QUEUE, DATASETS_QUEUE)
 RUN_JOB = "worker.tasks.run_job"
 ADAPT = "worker.tasks.adapt"
 RUN_EVALUATION = "worker.tasks.run_evaluation"

@@ -69,7 +69,7 @@ class Service:
 
     def start_worker(self, queue):
         from worker.launch import start_worker
-        n = sum(1 for k in self.workers if k.startswith(queue))
+        n = len(self.worker_names(queue))
         name = f"{queue}{n}-{uuid.uuid4().hex[:4]}"
         p = start_worker(queue, name, env=self.env, log_path=self.logdir / f"worker-{queue}.log",
                          torch_threads=1 if queue == "adapt" else None)
@@ -89,7 +89,7 @@ class Service:
             p.wait(timeout=10)
 
     def worker_names(self, queue):
-        return [k for k in self.workers if k.startswith(queue)]
+        return [k for k in self.workers if k.rsplit("-", 1)[0].rstrip("0123456789") == queue]
 
     def h(self, tenant="alice"):
         return {"Authorization": f"Bearer {self.keys[tenant]}"}
@@ -186,6 +186,7 @@ def running_service(kind: str, tmp, extra_env: dict | None = None):
     svc = Service(kind, settings, env, tmp)
     svc.start_worker("train")
     svc.start_worker("adapt")
+    svc.start_worker("adapt_heavy")
     svc.start_worker("datasets")
 
     from fastapi.testclient import TestClient

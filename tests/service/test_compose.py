@@ -188,9 +188,11 @@ def test_compose_file_validates_and_separates_train_from_adapt():
     # no worker consumes both train and adapt; each queue has a default-profile consumer
     assert not [n for n, q in queues.items() if {"train", "adapt"} <= q], queues
     default = {n for n in queues if not doc["services"][n].get("profiles")}
-    for q in ("train", "adapt", "datasets"):
+    from worker.celery_app import QUEUES
+    for q in QUEUES:
         assert [n for n in default if q in queues[n]], f"no default service consumes {q}"
     assert queues["worker-adapt"] == {"adapt"} and queues["worker-adapt-gpu"] == {"adapt"}
+    assert queues["worker-adapt-heavy"] == {"adapt_heavy"}
     assert doc["services"]["worker-adapt-gpu"]["environment"]["METASHRINK_ADAPT_DEVICE"] == "cuda"
     # concurrency from the environment, as compose interpolates it
     raw = COMPOSE.read_text()
@@ -246,7 +248,8 @@ def test_adapt_is_answered_while_a_long_job_trains(compose):
 
     local, procs, tmp = compose
     services = app_services(local.doc)
-    assert {"migrate", "api", "worker", "worker-adapt", "worker-datasets"} <= set(services), sorted(services)
+    assert {"migrate", "api", "worker", "worker-adapt", "worker-adapt-heavy", "worker-datasets"} <= set(services), \
+        sorted(services)
 
     # the one-shot migration first (compose: the others depend on service_completed_successfully)
     mig = services.pop("migrate")

@@ -358,7 +358,8 @@ def test_adapt_tenant_limit_429_and_deadline_504(service, reference):
 def test_one_tenant_flooding_adapt_does_not_starve_another(service, reference):
     """alice sends 10 heavy adapts at once (the test caps: 2,000 steps on 500 rows); at most
     adapt_tenant_concurrency of them run, the rest get 429 at once; carol's small adapt of her own model, sent
-    into the flood, answers 200 well within its deadline."""
+    into the flood, runs on the light lane (the heavy ones are above METASHRINK_ADAPT_HEAVY_FLOPS): it answers
+    200 before any of alice's admitted heavy adapts has finished."""
     from concurrent.futures import ThreadPoolExecutor
     url = f"/v1/models/{reference[1]['model_id']}/adapt"
     j = service.wait(service.submit(small_config(steps=5), tenant="carol"), tenant="carol")
@@ -367,14 +368,22 @@ def test_one_tenant_flooding_adapt_does_not_starve_another(service, reference):
     rows = [[float(i % 50) / 10] for i in range(500)]
     heavy = {"support": {"x": rows, "y": rows}, "query": {"x": [[0.5]]}, "steps": 2000, "modules": "all"}
     limit = service.app.state.settings.adapt_tenant_concurrency
+    done_at = {}
+
+    def post(i):
+        r = service.client.post(url, headers=service.h(), json=heavy)
+        done_at[i] = time.monotonic()
+        return r
+
     with ThreadPoolExecutor(11) as pool:
-        flood = [pool.submit(service.client.post, url, headers=service.h(), json=heavy) for _ in range(10)]
+        flood = [pool.submit(post, i) for i in range(10)]
         time.sleep(0.5)
-        t0 = time.monotonic()
         small = service.client.post(carol_url, headers=service.h("carol"), json=GOOD)
-        waited = time.monotonic() - t0
+        small_at = time.monotonic()
         codes = sorted(f.result().status_code for f in flood)
-    assert small.status_code == 200 and waited < service.app.state.settings.adapt_timeout, (small.text, waited)
+    assert small.status_code == 200, small.text
+    finished = [done_at[i] for i, f in enumerate(flood) if f.result().status_code == 200]
+    assert finished and small_at < min(finished), (small_at, finished)
     assert codes.count(429) >= 10 - limit and set(codes) <= {200, 429}, codes
     assert all(f.result().headers.get("Retry-After") for f in flood if f.result().status_code == 429)
 
@@ -385,7 +394,7 @@ def test_an_adapt_past_its_deadline_is_cut_and_frees_the_worker(service, referen
     one would have finished (with one adapt worker process it would otherwise wait behind it)."""
     from core.adapt import MAX_ADAPT_STEPS
     url, h = f"/v1/models/{reference[1]['model_id']}/adapt", service.h()
-    assert len(service.worker_names("adapt")) == 1
+    assert len(service.worker_names("adapt_heavy")) == 1
     rows = [[float(i % 50) / 10] for i in range(500)]
     heavy = {"support": {"x": rows, "y": rows}, "query": {"x": [[0.5]]}, "steps": MAX_ADAPT_STEPS,
              "modules": "all"}
@@ -393,20 +402,23 @@ def test_an_adapt_past_its_deadline_is_cut_and_frees_the_worker(service, referen
     settings = service.app.state.settings                                      # timings are adaptation only
     caps = settings.adapt_max_steps, settings.adapt_timeout
     settings.adapt_max_steps = MAX_ADAPT_STEPS
-    try:
+    heavy_flops, settings.adapt_heavy_flops = settings.adapt_heavy_flops, 0.0  # every request on the heavy lane's
+    try:                                                                        # one worker process
         t0 = time.monotonic()
         assert service.client.post(url, headers=h, json=heavy).status_code == 200
         full = time.monotonic() - t0  # the heavy adapt's run time when nothing cuts it
         settings.adapt_timeout = full / 4
         t0 = time.monotonic()
         cut = service.client.post(url, headers=h, json=heavy)
+        settings.adapt_max_steps, settings.adapt_timeout = caps
+        small = service.client.post(url, headers=h, json=GOOD)
+        waited = time.monotonic() - t0  # from sending the heavy adapt to the small one's answer
     finally:
         settings.adapt_max_steps, settings.adapt_timeout = caps
-    small = service.client.post(url, headers=h, json=GOOD)
-    waited = time.monotonic() - t0  # from sending the heavy adapt to the small one's answer
+        settings.adapt_heavy_flops = heavy_flops
     assert cut.status_code == 504 and small.status_code == 200, (cut.text, small.text)
     assert waited < 0.75 * full, (waited, full)  # uncut, the small adapt would answer after >= full
-    assert "cut at its deadline" in (service.logdir / "worker-adapt.log").read_text()
+    assert "cut at its deadline" in (service.logdir / "worker-adapt_heavy.log").read_text()
     print(f"heavy adapt {full:.2f} s; deadline {full / 4:.2f} s; 504 + small adapt answered after {waited:.2f} s")
 
 
