@@ -1,6 +1,8 @@
 """Errors as JSON (RFC 7807-style): {"type", "title", "status", "detail", "errors": [{"loc", "msg"}]}."""
 from __future__ import annotations
 
+import re
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -22,11 +24,20 @@ def unprocessable(field, msg: str) -> ApiError:
     return ApiError(422, f"{'.'.join(map(str, loc))}: {msg}", [{"loc": loc, "msg": msg}])
 
 
+FIELD_IN_MESSAGE = re.compile(r"\b([a-z_]+(?:\.[a-z_0-9]+)+)\b")
+
+
 def pydantic_errors(exc: ValidationError | RequestValidationError, prefix=()) -> list:
+    """Pydantic's errors as ``{"loc", "msg", "type"}``. A cross-field check of a whole body has no location of
+    its own: its ``loc`` is the first dotted field its message names (``inner.optimizer``), else ``["body"]``."""
     out = []
     for e in exc.errors():
         loc = list(prefix) + [p for p in e.get("loc", ()) if p not in ("body",)]
-        out.append({"loc": loc, "msg": e.get("msg", "invalid"), "type": e.get("type")})
+        msg = e.get("msg", "invalid")
+        if not loc:
+            named = FIELD_IN_MESSAGE.search(msg)
+            loc = named.group(1).split(".") if named else ["body"]
+        out.append({"loc": loc, "msg": msg, "type": e.get("type")})
     return out
 
 

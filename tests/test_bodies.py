@@ -58,7 +58,8 @@ def test_adapt_body_checked_in_the_parser_process_returns_arrays(app):
     import numpy as np
 
     from api.routes.models import json_adapt_payload
-    m = SimpleNamespace(kind="regression", input_shape=[1], output_dim=1, module_map=[{"name": "fc0.weight"}])
+    m = SimpleNamespace(kind="regression", input_shape=[1], output_dim=1, module_map=[{"name": "fc0.weight"}],
+                        macs=1761)
     rows = [[0.5]] * 30_000
     raw = json.dumps({"support": {"x": rows, "y": rows}, "query": {"x": [[1.0]]}, "steps": 3}).encode()
     assert len(raw) > OFF_PROCESS_ABOVE
@@ -68,3 +69,19 @@ def test_adapt_body_checked_in_the_parser_process_returns_arrays(app):
     with pytest.raises(ApiError) as e:
         asyncio.run(off_loop(app, json_adapt_payload, raw, m, Settings(adapt_max_rows=10_000)))
     assert e.value.status == 422 and e.value.errors[0]["loc"] == ["support", "x"]
+
+
+@pytest.mark.parametrize("body,loc", [
+    ({"algorithm": {"name": "maml"}, "model": {"arch": "mlp"}, "tasks": {"family": "hierarchical_normal"}},
+     ["tasks", "family"]),
+    ({"algorithm": {"name": "meta_sgd"}, "model": {"arch": "mlp"}, "tasks": {"family": "sinusoid"},
+      "inner": {"optimizer": "adam"}}, ["inner", "optimizer"]),
+    ({"algorithm": {"name": "maml", "second_order": "hvp", "first_order": True}, "model": {"arch": "mlp"},
+      "tasks": {"family": "sinusoid"}}, ["body"]),
+])
+def test_cross_field_errors_name_a_field(body, loc):
+    from api.bodies import parse_json
+    from schemas import JobConfig
+    with pytest.raises(ApiError) as e:
+        parse_json(json.dumps(body).encode(), JobConfig)
+    assert e.value.status == 422 and e.value.errors[0]["loc"] == loc, e.value.errors
