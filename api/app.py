@@ -107,6 +107,8 @@ def _errors_for(path: str, method: str, op: dict) -> set:
         codes |= {413, 422}
     if (path, method) == ("/v1/jobs", "post"):
         codes |= {429, 507}  # 429: METASHRINK_TENANT_MAX_ACTIVE_JOBS; 507: METASHRINK_TENANT_QUOTA_BYTES
+    if (path, method) == ("/v1/datasets", "post"):
+        codes.add(503)  # METASHRINK_UPLOAD_CONCURRENCY uploads in progress at this API process
     if (path, method) == ("/v1/models/{model_id}/adapt", "post"):
         codes.add(507)  # save_adapter over the tenant's quota
     if (path, method) in ADAPT_ROUTES:

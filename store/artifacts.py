@@ -143,15 +143,24 @@ class LocalArtifactStore(_Store):
         return p
 
     def put_bytes(self, key: str, data: bytes) -> StoredArtifact:
+        return self.put_file(key, io.BytesIO(data))
+
+    def put_file(self, key: str, src: BinaryIO) -> StoredArtifact:
+        """Copy a binary file (from its start) in 1 MiB chunks, hashing as it goes: one bounded buffer."""
         p = self._path(key)
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(p.name + f".{uuid.uuid4().hex}.tmp")
+        h, n = hashlib.sha256(), 0
+        src.seek(0)
         with open(tmp, "wb") as f:
-            f.write(data)
+            for chunk in iter(lambda: src.read(1 << 20), b""):
+                h.update(chunk)
+                n += len(chunk)
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, p)  # atomic: a reader never sees half a file
-        return StoredArtifact(f"file:{key}", hashlib.sha256(data).hexdigest(), len(data))
+        return StoredArtifact(f"file:{key}", h.hexdigest(), n)
 
     def open(self, uri: str, sha256: str | None = None) -> BinaryIO:
         """The artifact as a binary file at offset 0, verified against ``sha256`` when given. The open file is
@@ -285,11 +294,22 @@ class S3ArtifactStore(_Store):
         return str(getattr(e, "response", {}).get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound")
 
     def put_bytes(self, key: str, data: bytes) -> StoredArtifact:
-        sha = hashlib.sha256(data).hexdigest()
-        self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._object_key(key),
+        return self.put_file(key, io.BytesIO(data))
+
+    def put_file(self, key: str, src: BinaryIO) -> StoredArtifact:
+        """Upload a seekable binary file: one pass to hash it (1 MiB chunks), then boto3's multipart transfer
+        streams it in parts (``s3_multipart_chunksize``); the file is never held in memory whole."""
+        h, n = hashlib.sha256(), 0
+        src.seek(0)
+        for chunk in iter(lambda: src.read(1 << 20), b""):
+            h.update(chunk)
+            n += len(chunk)
+        src.seek(0)
+        sha = h.hexdigest()
+        self.client.upload_fileobj(src, self.bucket, self._object_key(key),
                                    ExtraArgs={"Metadata": {"sha256": sha}, "ContentType": "application/octet-stream"},
                                    Config=self.transfer_config)
-        return StoredArtifact(f"s3:{key}", sha, len(data))
+        return StoredArtifact(f"s3:{key}", sha, n)
 
     def _download(self, uri: str, out, sha256: str | None) -> int:
         """Write the object to ``out`` and verify it: against ``sha256`` when given, else against the sha256 the

@@ -126,6 +126,9 @@ class Settings(BaseSettings):
                               "use. With one intra-op thread (torch_threads 1, the default) the numbers do not depend on it")
 
     dataset_max_bytes: int = Field(256 * 1024 * 1024, ge=1, description="request body size of a dataset upload")
+    upload_concurrency: int = Field(4, ge=1, description="dataset uploads one API process receives at a time (more "
+                                    "answer 503 with Retry-After); each streams to a temporary file, so memory "
+                                    "does not grow with the upload's size")
     # an upload's header pass (store/uploads.py) checks these in the API process before anything is decoded (413
     # above them); the defaults accept Omniglot's whole background set (19,280 images of 105x105, 212.6M pixels)
     dataset_max_images: int = Field(100_000, ge=1, description="images in one image_classes upload")

@@ -26,7 +26,7 @@ import math
 import re
 import zipfile
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import BinaryIO, Optional
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm")
 PIL_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "PPM")  # the Pillow plugins of IMAGE_EXTENSIONS (.pgm is PPM's)
@@ -205,14 +205,22 @@ def header_size(zf: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, limits: U
         raise UploadError(name, f"unreadable image ({type(e).__name__}: {e})", info.filename) from None
 
 
-def scan_image_zip(data: bytes, name: str = "upload.zip", min_per_class: int = 1, min_classes: int = 1,
+def _file(data) -> BinaryIO:
+    """An upload as a seekable binary file: bytes, or the file the API spooled the upload to (read in place)."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return io.BytesIO(data)
+    data.seek(0)
+    return data
+
+
+def scan_image_zip(data, name: str = "upload.zip", min_per_class: int = 1, min_classes: int = 1,
                    image_size: Optional[int] = None, limits: Optional[UploadLimits] = None) -> ImageScan:
     """The header pass over a zip of class folders (see the module docstring). ``image_size``: images will be
     resized to this square, so their shapes need not agree."""
     limits = limits or UploadLimits()
     configure_pillow(limits)
     try:
-        zf = zipfile.ZipFile(io.BytesIO(data))
+        zf = zipfile.ZipFile(_file(data))
     except zipfile.BadZipFile as e:
         raise UploadError(name, f"not a zip file ({e})") from None
     with zf:
@@ -278,9 +286,9 @@ def _npy_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo):
     return shape, dtype
 
 
-def _scan_npz(data: bytes, name: str, limits: UploadLimits) -> RegressionScan:
+def _scan_npz(data, name: str, limits: UploadLimits) -> RegressionScan:
     try:
-        zf = zipfile.ZipFile(io.BytesIO(data))
+        zf = zipfile.ZipFile(_file(data))
     except zipfile.BadZipFile as e:
         raise UploadError(name, f"not an NPZ file ({e})") from None
     with zf:
@@ -322,15 +330,17 @@ def _columns(header: list, prefix: str) -> list:
     return sorted(cols, key=lambda h: -1 if h == prefix else int(h[len(prefix):]))
 
 
-def _scan_csv(data: bytes, name: str, limits: UploadLimits) -> RegressionScan:
+def _scan_csv(data, name: str, limits: UploadLimits) -> RegressionScan:
     """The header row (its columns, as the decoding pass reads them) and the line count: the numbers a CSV holds
-    at most (a quoted field spanning lines only lowers the real count)."""
+    at most (a quoted field spanning lines only lowers the real count). Read in 1 MiB chunks."""
     import csv
 
-    m = re.search(rb"[\r\n]", data[:MAX_CSV_HEADER + 1])
-    if m is None and len(data) > MAX_CSV_HEADER:
+    f = _file(data)
+    head = f.read(MAX_CSV_HEADER + 1)
+    m = re.search(rb"[\r\n]", head)
+    if m is None and len(head) > MAX_CSV_HEADER:
         raise UploadError(name, f"line 1: longer than {MAX_CSV_HEADER:,} bytes")
-    first = data if m is None else data[:m.start()]
+    first = head if m is None else head[:m.start()]
     try:
         text = first.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -342,8 +352,11 @@ def _scan_csv(data: bytes, name: str, limits: UploadLimits) -> RegressionScan:
     except csv.Error as e:
         raise UploadError(name, f"line 1: {e}") from None
     _, xi, yi = csv_columns([h.strip() for h in row], name)
-    nl = max(data.count(b"\n"), data.count(b"\r"))
-    rows = max(nl + (0 if data.endswith((b"\n", b"\r")) else 1) - 1, 0)
+    n_lf, n_cr, last, chunk = head.count(b"\n"), head.count(b"\r"), head[-1:], f.read(1 << 20)
+    while chunk:
+        n_lf, n_cr, last = n_lf + chunk.count(b"\n"), n_cr + chunk.count(b"\r"), chunk[-1:]
+        chunk = f.read(1 << 20)
+    rows = max(max(n_lf, n_cr) + (0 if last in (b"\n", b"\r") else 1) - 1, 0)
     values = rows * (len(xi) + len(yi))
     if values > limits.max_values:
         raise UploadTooLarge(name, f"{rows:,} rows of {len(xi) + len(yi)} numbers: {values:,} numbers; at most "
@@ -351,14 +364,17 @@ def _scan_csv(data: bytes, name: str, limits: UploadLimits) -> RegressionScan:
     return RegressionScan(name, values, rows)
 
 
-def scan_regression(data: bytes, name: str = "upload.csv", limits: Optional[UploadLimits] = None) -> RegressionScan:
-    """The header pass over a CSV or NPZ of regression points (format by the NPZ/zip magic, else CSV)."""
+def scan_regression(data, name: str = "upload.csv", limits: Optional[UploadLimits] = None) -> RegressionScan:
+    """The header pass over a CSV or NPZ of regression points (format by the NPZ/zip magic, else CSV); ``data``:
+    bytes or a seekable binary file."""
     limits = limits or UploadLimits()
-    return (_scan_npz if data[:2] == b"PK" else _scan_csv)(data, name, limits)
+    magic = _file(data).read(2)
+    return (_scan_npz if magic == b"PK" else _scan_csv)(data, name, limits)
 
 
-def scan_upload(data: bytes, name: str, kind: str, limits: Optional[UploadLimits] = None, **opts):
-    """Dispatch on ``kind``: the header pass of an upload, or UploadError / UploadTooLarge. ``opts``:
+def scan_upload(data, name: str, kind: str, limits: Optional[UploadLimits] = None, **opts):
+    """Dispatch on ``kind``: the header pass of an upload (bytes, or a seekable binary file read in place), or
+    UploadError / UploadTooLarge. ``opts``:
     ``min_per_class`` (image_classes); ``min_points`` is checked by the decoding pass only."""
     if kind == "image_classes":
         return scan_image_zip(data, name, min_per_class=opts.get("min_per_class", 1), limits=limits)

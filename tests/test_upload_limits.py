@@ -198,3 +198,22 @@ def test_the_api_side_stays_torch_free():
 def test_unknown_kind():
     with pytest.raises(UploadError, match="unknown dataset kind"):
         scan_upload(b"", "a", "audio")
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"])
+@pytest.mark.parametrize("trailing", [True, False])
+def test_a_spooled_file_scans_as_its_bytes(tmp_path, newline, trailing):
+    """The API reads an upload in place from the file it was spooled to, in 1 MiB chunks: the same scan as the
+    bytes, also when a CRLF or the last line straddles a chunk boundary."""
+    rows = [b"task,x,y"] + [b"%d,%d.25,%d.5" % (i % 7, i, i) for i in range(160_000)]  # ~2.4 MB
+    data = newline.join(rows) + (newline if trailing else b"")
+    path = tmp_path / "up.csv"
+    path.write_bytes(data)
+    with open(path, "rb") as f:
+        from_file = scan_upload(f, "up.csv", "regression")
+    assert from_file == scan_upload(data, "up.csv", "regression")
+    assert from_file.rows == 160_000 and from_file.values == 320_000
+    z = _zip({f"a/c{i}/{j}.png": _png(8) for i in range(3) for j in range(2)})
+    (tmp_path / "up.zip").write_bytes(z)
+    with open(tmp_path / "up.zip", "rb") as f:
+        assert scan_upload(f, "up.zip", "image_classes").summary() == scan_upload(z, "up.zip", "image_classes").summary()

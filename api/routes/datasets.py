@@ -1,8 +1,8 @@
 """Meta-datasets: upload (multipart; limits checked from headers here, decoded by a worker), list (with the
 tenant's storage usage), read.
 
-``POST /v1/datasets`` does in the API process only what cannot hurt it: the body is capped
-(``dataset_max_bytes``), then the header pass (store/uploads.py) reads the zip's directory and each image's
+``POST /v1/datasets`` does in the API process only what cannot hurt it: the body streams to a temporary file,
+capped (``dataset_max_bytes``), at most ``upload_concurrency`` at a time; then the header pass (store/uploads.py) reads the zip's directory and each image's
 header, never pixel data, and refuses an upload over ``dataset_max_images``, ``dataset_max_image_pixels``,
 ``dataset_max_pixels`` or ``dataset_max_values`` with 413 (malformed ones: 422), naming the member; the tenant's
 quota (``tenant_quota_bytes``) is checked against the estimate of what the upload will store (413). Then the raw
@@ -11,6 +11,7 @@ bytes go to the artifact store, the dataset is recorded ``processing`` and the a
 error. Jobs accept only ready datasets.
 """
 
+import asyncio
 import re
 
 from fastapi import APIRouter, Request
@@ -21,7 +22,6 @@ from sqlalchemy import select
 from store.datasets import lock_quota, quota_problem, tenant_usage
 from store.models import Dataset, new_id, utcnow
 
-from ..bodies import read_capped
 from ..deps import Cursor, Limit, Session, Tenant, own_dataset, page
 from ..dispatch import enqueue_dataset, try_send
 from ..errors import ApiError, unprocessable
@@ -76,12 +76,54 @@ async def upload_dataset(request: Request, t: Tenant):
     """Upload a meta-dataset (multipart: ``file``, ``kind``): checked from its headers, then decoded by a
     worker (202 with status ``processing``; poll ``GET /v1/datasets/{id}`` until ``ready`` or ``failed``)."""
     settings = request.app.state.settings
-    raw = await read_capped(request, settings.dataset_max_bytes)
-    request._body = raw  # starlette's form parser reads the cached body
+    app = request.app
+    if getattr(app.state, "upload_slots", None) is None:
+        app.state.upload_slots = asyncio.Semaphore(settings.upload_concurrency)
+    if app.state.upload_slots.locked():
+        raise ApiError(503, f"{settings.upload_concurrency} uploads are in progress at this API process "
+                            f"(METASHRINK_UPLOAD_CONCURRENCY); retry shortly", headers={"Retry-After": "5"})
+    async with app.state.upload_slots:
+        return await _upload(request, t, settings)
+
+
+def _capped(receive, cap: int):
+    """The ASGI receive channel of a request, refusing (413) a body past ``cap`` bytes as it streams in."""
+    n = 0
+
+    async def wrapped():
+        nonlocal n
+        message = await receive()
+        if message["type"] == "http.request":
+            n += len(message.get("body", b""))
+            if n > cap:
+                raise ApiError(413, f"request body is above the cap of {cap} bytes",
+                               [{"loc": ["body"], "msg": f"above the cap of {cap} bytes"}])
+        return message
+    return wrapped
+
+
+async def _upload(request: Request, t: str, settings):
+    """The body streams into the multipart parser, which spools the file to a temporary file (on disk above
+    1 MiB): no copy of the upload is held in memory, here or below (the header pass and the store read it from
+    that file in place, in 1 MiB chunks)."""
+    cl = request.headers.get("content-length")
+    if cl and cl.isascii() and cl.isdigit() and len(cl) < 20 and int(cl) > settings.dataset_max_bytes:
+        raise ApiError(413, f"request body of {cl} bytes is above the cap of {settings.dataset_max_bytes} bytes",
+                       [{"loc": ["body"], "msg": f"above the cap of {settings.dataset_max_bytes} bytes"}])
+    streamed = Request(request.scope, _capped(request.receive, settings.dataset_max_bytes))
     try:
-        form = await request.form(max_files=1, max_fields=16)
+        form = await streamed.form(max_files=1, max_fields=16)
+    except ApiError:
+        raise
     except Exception as e:
         raise ApiError(422, f"not a multipart form: {e}", [{"loc": ["body"], "msg": str(e)}])
+    try:
+        return await _accept_form(request, t, form)
+    finally:
+        await form.close()
+
+
+async def _accept_form(request: Request, t: str, form):
     f, kind = form.get("file"), form.get("kind")
     if f is None or isinstance(f, str):
         raise unprocessable(["body", "file"], "a file is required in the multipart field 'file'")
@@ -97,15 +139,13 @@ async def upload_dataset(request: Request, t: Tenant):
         opts[field] = int(v)
     if ("min_per_class" in opts and kind != "image_classes") or ("min_points" in opts and kind != "regression"):
         raise unprocessable(["body"], "min_per_class is for image_classes, min_points for regression")
-    request._body = b""  # the form spooled the file (to disk above 1 MB): one copy of the bytes here, not three
-    del raw
-    data = await f.read()
     fname = f.filename or "upload"
     name = form.get("name") or fname
-    return await run_in_threadpool(_accept_upload, request.app, t, kind, str(name)[:256], fname, data, opts)
+    return await run_in_threadpool(_accept_upload, request.app, t, kind, str(name)[:256], fname, f.file, opts)
 
 
 def _accept_upload(app, t, kind, name, fname, data, opts):
+    """``data``: the spooled upload file, read in place."""
     from store.uploads import UploadError, UploadLimits, scan_upload  # torch-free (datasets/ imports core)
 
     settings = app.state.settings
@@ -120,8 +160,8 @@ def _accept_upload(app, t, kind, name, fname, data, opts):
         problem = quota_problem(tenant_usage(s, t) + est, est, settings.tenant_quota_bytes)
     if problem:
         raise ApiError(413, problem, [{"loc": ["body", "file"], "msg": problem}])
-    art = app.state.store.put_bytes(f"uploads/{t}/{did}.raw", data)  # deleted by the worker once processed
-    summary = {**scan.summary(), "upload": {"file": fname, "bytes": len(data), **opts}}
+    art = app.state.store.put_file(f"uploads/{t}/{did}.raw", data)  # deleted by the worker once processed
+    summary = {**scan.summary(), "upload": {"file": fname, "bytes": art.bytes, **opts}}
     try:
         with app.state.db.session() as s:
             lock_quota(s, t)
