@@ -1,6 +1,6 @@
 # One image for the API, the workers and the migration job.
 #   docker build -t metashrink .                                  # CPU torch (default)
-#   docker build --build-arg TORCH_VARIANT=cu124 -t metashrink:cuda .   # CUDA torch (wheels bundle CUDA)
+#   docker build --build-arg TORCH_VARIANT=cuda -t metashrink:cuda .    # CUDA torch: PyPI's Linux wheel (bundles CUDA)
 FROM python:3.11-slim
 
 ARG TORCH_VARIANT=cpu
@@ -14,8 +14,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# torch first and explicitly, from the index of the chosen variant (cpu or a CUDA build)
-RUN pip install "torch==${TORCH_VERSION}" --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}"
+# torch first and explicitly: cpu from PyTorch's CPU index; cuda from PyPI, whose Linux x86_64 torch wheel is the
+# CUDA build (PyTorch's per-CUDA indexes, e.g. cu124, stop publishing a CUDA version a few releases on)
+RUN case "${TORCH_VARIANT}" in \
+      cpu) pip install "torch==${TORCH_VERSION}" --index-url https://download.pytorch.org/whl/cpu ;; \
+      cuda) pip install "torch==${TORCH_VERSION}" ;; \
+      *) echo "TORCH_VARIANT must be cpu or cuda, got ${TORCH_VARIANT}" >&2; exit 1 ;; \
+    esac
 
 # dependencies before the source, so code edits do not reinstall them
 COPY pyproject.toml ./
