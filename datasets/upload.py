@@ -298,7 +298,7 @@ def validate_regression(data: bytes, name: str = "upload.csv", min_points: int =
         bad = ~np.isfinite(a).all(axis=1)
         if bad.any():
             i = int(np.argmax(bad))
-            raise UploadError(name, f"{int(bad.sum())} row(s) with NaN/Inf in {k!r}; first at row {i} (task {task[i]!r})")
+            raise UploadError(name, f"{int(bad.sum())} row(s) with NaN/Inf in {k!r}; first at row {i} (task {task[i].item()!r})")
     ids, inverse = np.unique(task, return_inverse=True)
     tasks = []
     for j, t in enumerate(ids.tolist()):

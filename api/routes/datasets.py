@@ -141,6 +141,9 @@ async def _accept_form(request: Request, t: str, form):
         raise unprocessable(["body"], "min_per_class is for image_classes, min_points for regression")
     fname = f.filename or "upload"
     name = form.get("name") or fname
+    for field, v in (("name", name), ("file", fname)):
+        if "\x00" in str(v):  # PostgreSQL text cannot hold it; refused on every database alike
+            raise unprocessable(["body", field], "NUL (0x00) characters are not allowed")
     return await run_in_threadpool(_accept_upload, request.app, t, kind, str(name)[:256], fname, f.file, opts)
 
 

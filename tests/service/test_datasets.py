@@ -131,6 +131,11 @@ def test_upload_refused_from_headers(service, data, kind, fname, fields, status,
     assert service.client.get("/v1/datasets", headers=service.h()).json()["items"] == before  # nothing recorded
 
 
+def test_nul_in_a_dataset_name_is_422_on_every_database(service):
+    r = upload(service, _image_zip(), "image_classes", "tiny.zip", name="bad\x00name")
+    assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["body", "name"], r.text
+
+
 @pytest.mark.parametrize("value", ["²", "٣", "１", "9" * 5000, "-1", "0"])
 def test_numeric_form_fields_take_ascii_integers_only(service, value):
     """Not a 500 (``"²".isdigit()`` is true, ``int("²")`` raises) and not a number (``int("٣")`` is 3)."""

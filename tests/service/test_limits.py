@@ -214,3 +214,15 @@ def test_the_parser_process_dies_with_a_killed_api(service, reference):
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def test_a_chunked_body_over_the_cap_is_413(service):
+    c, h = service.client, service.h()
+    cap = service.settings.job_max_bytes
+
+    def chunks():
+        for _ in range(cap // 65536 + 2):
+            yield b" " * 65536
+
+    r = c.post("/v1/jobs", content=chunks(), headers={**h, "Content-Type": "application/json"})
+    assert r.status_code == 413, r.text
