@@ -65,3 +65,40 @@ def test_a_lease_taken_over_during_a_long_step_stops_the_job(rt):
                 time.sleep(3 * lease)
     finally:
         keeper.close()
+
+
+def _busy(seconds):
+    """Python bytecode for ``seconds`` (where an interrupt lands), returning how long it ran."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        sum(range(1000))
+    return time.monotonic() - t0
+
+
+@pytest.mark.parametrize("why", ["cancel", "timeout", "memory"])
+def test_the_watchdog_interrupts_a_running_step(rt, why):
+    from worker.lease import StepInterrupted
+    jid = _claimed(rt, 30)
+    kw = {"timeout": {"max_step_s": 0.5}, "memory": {"max_growth": 50 * 2 ** 20}}.get(why, {})
+    keeper = _LeaseKeeper(rt, jid, "me", 30, poll=0.2, **kw)
+    hog = []
+    try:
+        if why == "cancel":
+            with rt.db.session() as ses:
+                Q.request_cancel(ses, jid)
+
+        def step():
+            if why == "memory":
+                hog.append(bytearray(200 * 2 ** 20))  # resident: bytearray zero-fills its pages
+            return _busy(20)
+
+        t0 = time.monotonic()
+        with pytest.raises(StepInterrupted) as e:
+            keeper.run_step(step)
+        assert time.monotonic() - t0 < 5
+        assert e.value.cancel == (why == "cancel")
+        assert {"cancel": "canceled", "timeout": "METASHRINK_STEP_TIMEOUT",
+                "memory": "METASHRINK_JOB_MAX_MEMORY_BYTES"}[why] in e.value.reason
+        assert _busy(0.5) >= 0.5  # nothing pending lands after the step
+    finally:
+        keeper.close()

@@ -56,8 +56,9 @@ class LeaseKeeper:
     While a step runs it
     - renews the lease once the step has run for a third of the lease (a step that compiles takes a minute or more
       on a cold cache: longer than the lease, which would hand the job to another worker mid-compile);
-    - reads the job's ``cancel_requested`` every ``poll`` seconds, and checks this process's resident memory against
-      ``max_rss`` and the step's wall-clock time against ``max_step_s``.
+    - reads the job's ``cancel_requested`` every ``poll`` seconds, and checks how far this process's resident memory
+      has grown over what it held when the keeper started against ``max_growth``, and the step's wall-clock time
+      against ``max_step_s``.
     A cancel, a memory or a time limit interrupts the step: an exception raised in the training thread at its next
     Python bytecode (``StepInterrupted``, from ``step``), so the job ends canceled, or failed saying which limit,
     within about ``poll`` seconds. When the step does not reach Python within ``grace`` seconds (one long kernel)
@@ -65,9 +66,10 @@ class LeaseKeeper:
     exits the process: the pool replaces it, and the redelivered message finds the job finished."""
 
     def __init__(self, rt, job_id: str, owner: str, lease_seconds: float, max_step_s: float = 3 * 3600.0,
-                 max_rss: int | None = None, poll: float = 1.0, grace: float = 5.0, hard_exit: bool = False):
+                 max_growth: int | None = None, poll: float = 1.0, grace: float = 5.0, hard_exit: bool = False):
         self.rt, self.job_id, self.owner, self.lease = rt, job_id, owner, lease_seconds
-        self.max_step_s, self.max_rss, self.poll, self.grace, self.hard_exit = max_step_s, max_rss, poll, grace, hard_exit
+        self.max_step_s, self.poll, self.grace, self.hard_exit = max_step_s, poll, grace, hard_exit
+        self.max_growth, self.rss_base = max_growth, rss_bytes() or 0
         self.busy_since: float | None = None
         self.renewed_at = time.monotonic()
         self.lost = False
@@ -94,12 +96,13 @@ class LeaseKeeper:
                 self._interrupt(StepInterrupted(f"one meta-step ran for more than {self.max_step_s:.0f} s "
                                                 f"(METASHRINK_STEP_TIMEOUT)"))
                 continue
-            rss = rss_bytes() if self.max_rss else None
-            if rss is not None and rss > self.max_rss:
+            rss = rss_bytes() if self.max_growth else None
+            if rss is not None and rss - self.rss_base > self.max_growth:
                 self._interrupt(StepInterrupted(
-                    f"the training process used {rss / 2 ** 30:.2f} GiB of memory, above the limit of "
-                    f"{self.max_rss / 2 ** 30:.2f} GiB (METASHRINK_JOB_MAX_MEMORY_BYTES); reduce outer.meta_batch, "
-                    f"tasks.shots / query / ways or the model's size"))
+                    f"the training process's memory grew by {(rss - self.rss_base) / 2 ** 30:.2f} GiB in this "
+                    f"attempt, above the limit of {self.max_growth / 2 ** 30:.2f} GiB "
+                    f"(METASHRINK_JOB_MAX_MEMORY_BYTES); reduce outer.meta_batch, tasks.shots / query / ways or the "
+                    f"model's size"))
                 continue
             renew = now - self.renewed_at >= self.lease / 3
             if not renew and now - last_poll < self.poll:

@@ -29,7 +29,7 @@ from store.models import Checkpoint, Job, JobMetric, MetaModelRow, ModuleMap, ne
 from store.preprocessing import model_preprocessing
 from store.telemetry import META_STEPS
 
-from .lease import LeaseKeeper, LeaseLost, StepInterrupted, rss_bytes
+from .lease import LeaseKeeper, LeaseLost, StepInterrupted
 from .runtime import Runtime, finite, public_error, use_datasets
 from .validation import Validation
 
@@ -82,9 +82,8 @@ def train(rt: Runtime, job: ClaimedJob, comm=None, hard_exit: bool = False) -> s
     the step on a cancel, past METASHRINK_STEP_TIMEOUT, or when this process's resident memory grows by more than
     METASHRINK_JOB_MAX_MEMORY_BYTES over what it held when the attempt started (``hard_exit``: see LeaseKeeper)."""
     st = rt.settings
-    base = rss_bytes() or 0
     keeper = LeaseKeeper(rt, job.id, job.owner, st.lease_seconds, max_step_s=st.step_timeout,
-                         max_rss=base + st.job_max_memory_bytes, hard_exit=hard_exit)
+                         max_growth=st.job_max_memory_bytes, hard_exit=hard_exit)
     try:
         return TrainingRun(rt, job, keeper, comm).run()
     finally:

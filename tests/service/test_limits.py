@@ -115,7 +115,7 @@ def test_a_job_over_its_memory_limit_fails_and_the_worker_goes_on(service):
         j = service.wait(jid, timeout=180)
         assert j["status"] == "failed", j
         msg = j["error"]["message"]
-        assert "METASHRINK_JOB_MAX_MEMORY_BYTES" in msg and "GiB of memory" in msg, msg
+        assert "METASHRINK_JOB_MAX_MEMORY_BYTES" in msg and "memory grew by" in msg and "limit of 1.00 GiB" in msg, msg
         # another tenant's job runs on the same worker process afterwards
         other = service.wait(service.submit(small_config(steps=5), tenant="bob"), tenant="bob")
         assert other["status"] == "succeeded", other
