@@ -10,8 +10,8 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from schemas import JobConfig
-from schemas.cost import estimate_job, human_bytes
 from schemas.api import JobCreated, JobOut, JobPage, MetricsOut, ModulesOut
+from schemas.cost import estimate_job, human_bytes
 from store import jobs as Q
 from store.datasets import dataset_ids, quota_problem, tenant_usage
 from store.models import Dataset, Job, JobMetric, ModuleMap, new_id, utcnow
