@@ -169,6 +169,10 @@ class Client:
                        data={k: str(v) for k, v in fields.items() if v is not None})
         return self.wait_dataset(d["id"], timeout=timeout) if wait else d
 
+    def usage(self) -> dict:
+        """What the tenant stores (bytes by kind) and runs, beside the deployment's limits (``GET /v1/usage``)."""
+        return self._call("GET", "/v1/usage")
+
     def dataset(self, dataset_id: str) -> dict:
         return self._call("GET", f"/v1/datasets/{dataset_id}")
 

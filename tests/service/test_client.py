@@ -59,6 +59,8 @@ def test_client_has_a_method_for_every_resource(sdk: Client, tmp_path):
     assert events[-1]["data"]["model_id"] == j["model_id"]
     ckpts = c.checkpoints(jid)["items"]
     assert [k["step"] for k in ckpts][-1] == 20
+    u = c.usage()
+    assert u["bytes"]["checkpoints"] >= sum(k["bytes"] for k in ckpts) and u["limits"]["keep_checkpoints"] >= 1
     path = c.download_checkpoint(ckpts[-1]["id"], tmp_path)
     assert path.name == f"{ckpts[-1]['id']}.safetensors"
     assert hashlib.sha256(path.read_bytes()).hexdigest() == ckpts[-1]["sha256"]
