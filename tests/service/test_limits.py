@@ -98,7 +98,7 @@ def test_concurrent_deletes_of_a_running_job_hold_no_server_thread(service, seco
     assert len(health) >= 20 and p95 < 0.1, (p95, sorted(health)[-5:])
 
 
-def test_a_job_over_its_memory_limit_fails_and_the_worker_goes_on(service):
+def test_a_job_over_its_memory_limit_fails_and_the_worker_goes_on(service, reference):
     # the API admits the job (its estimate, 2.8 GiB, is under the API's limit); the train worker is restarted with
     # a 1 GiB limit, which the step's real growth (~2.5 GB measured) crosses
     heavy = {"algorithm": {"name": "maml"}, "model": {"arch": "mlp", "hidden": [512, 512]},
@@ -112,6 +112,10 @@ def test_a_job_over_its_memory_limit_fails_and_the_worker_goes_on(service):
         service.start_worker("train")
         service.env = env
         jid = service.submit(heavy)
+        service.wait(jid, pred=lambda j: j["status"] != "queued", timeout=120)
+        small = {"support": {"x": [[0.0], [1.0]], "y": [[0.0], [1.0]]}, "query": {"x": [[0.5]]}, "steps": 5}
+        r = service.client.post(f"/v1/models/{reference[1]['model_id']}/adapt", json=small, headers=service.h())
+        assert r.status_code == 200, r.text  # adapts are served meanwhile (their own worker processes)
         j = service.wait(jid, timeout=180)
         assert j["status"] == "failed", j
         msg = j["error"]["message"]
