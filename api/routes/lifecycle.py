@@ -11,11 +11,11 @@ import time
 
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from store import lifecycle as L
 from store.jobs import ACTIVE, request_cancel
-from store.models import Checkpoint, Evaluation, Job
+from store.models import Checkpoint, Evaluation, Job, utcnow
 
 from ..deps import Session, Tenant, own_adapter, own_dataset, own_job, own_model
 from ..dispatch import announce_eviction
@@ -74,10 +74,13 @@ def _stopped(app, job_id: str) -> bool:
 
 def _delete_job(request: Request, t: str, job_id: str) -> Response:
     with request.app.state.db.session() as s:
-        j = s.scalar(select(Job).where(Job.id == job_id).with_for_update())  # one DELETE at a time per job
-        if j is None or j.tenant != t:
+        # a write first: it locks the row (PostgreSQL) or the database (SQLite) until this transaction ends, so of
+        # concurrent DELETEs one deletes and the others then find no row (404)
+        claimed = s.execute(update(Job).where(Job.id == job_id, Job.tenant == t).values(updated_at=utcnow())
+                            .execution_options(synchronize_session=False)).rowcount
+        if not claimed:
             raise ApiError(404, f"job {job_id} not found")
-        return _delete(request, s, L.delete_job, j)
+        return _delete(request, s, L.delete_job, s.get(Job, job_id))
 
 
 @router.delete("/v1/models/{model_id}", tags=["models"], **NO_CONTENT)
