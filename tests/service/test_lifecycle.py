@@ -51,24 +51,30 @@ def admin(service):
     return new_key(service, "ops", admin=True)
 
 
-@pytest.fixture(scope="module")
-def second_api(service):
-    """A second API process (uvicorn, its own memory) on the same database and broker."""
+def start_api(service, log, **env) -> tuple:
+    """An API process (uvicorn, its own memory) on the service's database and broker: (Popen, url) once it
+    answers /healthz. ``env``: METASHRINK_* settings of its own."""
     port = free_port()
-    log = open(service.logdir / "api2.log", "ab")
     p = subprocess.Popen([sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port",
                           str(port), "--log-level", "warning"], cwd=ROOT,
-                         env={**service.env, "METASHRINK_RECONCILER": "0"}, stdout=log, stderr=subprocess.STDOUT)
+                         env={**service.env, "METASHRINK_RECONCILER": "0", **env}, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     t0 = time.monotonic()
     while True:
         try:
             if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                break
+                return p, url
         except httpx.TransportError:
             pass
-        assert p.poll() is None and time.monotonic() - t0 < 120, f"second API did not start; {service.logdir}/api2.log"
+        assert p.poll() is None and time.monotonic() - t0 < 120, f"the API process did not start; {service.logdir}"
         time.sleep(0.3)
+
+
+@pytest.fixture(scope="module")
+def second_api(service):
+    """A second API process (uvicorn, its own memory) on the same database and broker."""
+    log = open(service.logdir / "api2.log", "ab")
+    p, url = start_api(service, log)
     yield url
     p.terminate()
     try:

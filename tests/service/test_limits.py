@@ -178,29 +178,12 @@ def test_the_parser_process_dies_with_a_killed_api(service, reference):
     import os
     import signal
     import subprocess
-    import sys
 
     import psutil
 
-    from benchmarks.serve_harness import free_port
-
-    from .test_lifecycle import ROOT
-    port = free_port()
-    p = subprocess.Popen([sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port",
-                          str(port), "--log-level", "warning"], cwd=ROOT,
-                         env={**service.env, "METASHRINK_RECONCILER": "0", "METASHRINK_ADAPT_MAX_BYTES": "4000000"},
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    from .test_lifecycle import start_api
+    p, url = start_api(service, subprocess.DEVNULL, METASHRINK_ADAPT_MAX_BYTES="4000000")
     try:
-        url = f"http://127.0.0.1:{port}"
-        t0 = time.monotonic()
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert p.poll() is None and time.monotonic() - t0 < 120
-            time.sleep(0.3)
         n = 400  # with the padding ~420 KB: above api.bodies.OFF_PROCESS_ABOVE, so a parser process takes it
         body = {"support": {"x": [[0.123456789]] * n, "y": [[0.987654321]] * n}, "query": {"x": [[0.5]] * n},
                 "steps": 1}
