@@ -106,8 +106,9 @@ def estimate_job(cfg: dict, dims: dict | None = None) -> Cost:
     unrolled = alg in UNROLLED
     copies = (inner + 2) if unrolled else 4  # parameters (and their gradients) alive per task
     data = rows * ((math.prod(shape) or 1) + out_dim)
-    # the graph of every inner step, kept for the second-order backward (x3: measured 2.5 GiB against 0.9 GiB of
-    # plain activations for a 2 x 512 MLP MAML step, 10 inner steps, 25 tasks of 400 rows), or of one step
+    # the graph of every inner step, kept for the second-order backward, or of one step. The x3 was calibrated on
+    # one ad hoc measurement (a 2 x 512 MLP MAML step, 10 inner steps, 25 tasks of 400 rows) and is not yet checked
+    # by a committed benchmark
     act = rows * acts * (3 * (inner + 1) if unrolled else 2)
     floats = meta + meta_batch * (copies * params + data + act)
     step_flops = 6.0 * macs * rows * (inner + 1) * meta_batch  # forward + backward, 2 flops per multiply-add
