@@ -20,12 +20,17 @@ from pydantic import ValidationError
 from .errors import ApiError, pydantic_errors
 
 
-async def read_capped(request: Request, cap: int) -> bytes:
-    """The request body, refusing (413) one above ``cap`` bytes without reading all of it."""
+def refuse_announced(request: Request, cap: int) -> None:
+    """413 at once when the request's Content-Length announces more than ``cap`` bytes."""
     cl = request.headers.get("content-length")
     if cl and cl.isascii() and cl.isdigit() and len(cl) < 20 and int(cl) > cap:
         raise ApiError(413, f"request body of {cl} bytes is above the cap of {cap} bytes",
                        [{"loc": ["body"], "msg": f"above the cap of {cap} bytes"}])
+
+
+async def read_capped(request: Request, cap: int) -> bytes:
+    """The request body, refusing (413) one above ``cap`` bytes without reading all of it."""
+    refuse_announced(request, cap)
     chunks, n = [], 0
     async for chunk in request.stream():
         n += len(chunk)

@@ -22,6 +22,7 @@ from sqlalchemy import select
 from store.datasets import lock_quota, quota_problem, tenant_usage
 from store.models import Dataset, new_id, utcnow
 
+from ..bodies import refuse_announced
 from ..deps import Cursor, Limit, Session, Tenant, own_dataset, page
 from ..dispatch import enqueue_dataset, try_send
 from ..errors import ApiError, unprocessable
@@ -106,10 +107,7 @@ async def _upload(request: Request, t: str, settings):
     """The body streams into the multipart parser, which spools the file to a temporary file (on disk above
     1 MiB): no copy of the upload is held in memory, here or below (the header pass and the store read it from
     that file in place, in 1 MiB chunks)."""
-    cl = request.headers.get("content-length")
-    if cl and cl.isascii() and cl.isdigit() and len(cl) < 20 and int(cl) > settings.dataset_max_bytes:
-        raise ApiError(413, f"request body of {cl} bytes is above the cap of {settings.dataset_max_bytes} bytes",
-                       [{"loc": ["body"], "msg": f"above the cap of {settings.dataset_max_bytes} bytes"}])
+    refuse_announced(request, settings.dataset_max_bytes)
     streamed = Request(request.scope, _capped(request.receive, settings.dataset_max_bytes))
     try:
         form = await streamed.form(max_files=1, max_fields=16)
